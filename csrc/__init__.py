@@ -1,0 +1,1 @@
+"""CUDA C++ sources of lsquant (kernels and the one torch binding file), built lazily by lsquant.ops."""

@@ -1,0 +1,1 @@
+"""The int8 HDF5 format: writer, reader and validation (installed as lsquant.export)."""

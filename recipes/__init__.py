@@ -1,0 +1,1 @@
+"""End-to-end pipelines per task (installed as lsquant.recipes)."""
