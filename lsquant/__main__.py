@@ -1,0 +1,5 @@
+import sys
+
+from lsquant.cli import main
+
+sys.exit(main())
