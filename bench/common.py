@@ -1,0 +1,57 @@
+"""Timing and CSV helpers shared by the benchmark scripts (bench/*.py).
+
+Timing: CUDA events around each call, after warm-up, median of the repeats; inputs rotate among several
+sets so that a working set smaller than L2 (50 MB on H100) does not flatter memory-bound kernels.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+
+def env_info() -> dict:
+    """GPU name and versions, written into every CSV row."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda or "",
+            "driver_capability": ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else ""}
+
+
+def time_cuda(fn, inputs: list, warmup: int = 10, repeat: int = 50) -> float:
+    """Median milliseconds of fn(*inputs[i % len(inputs)]) over `repeat` calls, each timed by CUDA events."""
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        args = inputs[i % len(inputs)]
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append rows to a CSV (header written when the file is new)."""
+    if not rows:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
