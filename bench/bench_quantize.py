@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_info, gpu_slug, time_cuda, write_rows  # noqa: E402
+from common import env_info, gpu_slug, time_cuda, warm_gpu, write_rows  # noqa: E402
 
 from lsquant import ops  # noqa: E402
 from lsquant.quant import ref  # noqa: E402
@@ -29,6 +29,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or f"bench/results/quantize_{gpu_slug()}.csv"
     info = env_info()
+    warm_gpu()
     n = args.numel
     clip = torch.tensor(2.5, device="cuda")
     scale = (clip / 127).item()

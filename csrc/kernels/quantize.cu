@@ -11,6 +11,7 @@ namespace lsq {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr float kInvQmax = 1.f / 127.f;  // fp32(1/127), the constant lsquant.quant.ref uses too
 
 struct ChannelScale {
   float scale, inv;
@@ -112,7 +113,9 @@ __device__ __forceinline__ T fq_bwd_one(T gyv, T xv, ChannelScale s, float& acc)
   const float r = rintf(t);
   if (r > 127.f) { acc += g; return from_float<T>(0.f); }
   if (r < -127.f) { acc -= g; return from_float<T>(0.f); }
-  acc += g * ((r - t) / 127.f);
+  // times 1/127 rather than / 127: an IEEE division per element made this kernel compute bound (0.21 ms
+  // for 2^26 fp16 on an H200, against 0.15 ms for torch.compile of the same expression).
+  acc += g * ((r - t) * kInvQmax);
   return gyv;
 }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 QMAX = 127  # the int8 range is [-QMAX, QMAX]
+INV_QMAX = float(torch.tensor(1.0 / QMAX, dtype=torch.float32))  # fp32(1/127): the clip-gradient factor
 
 
 def scale_and_inv(clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +77,7 @@ def fake_quantize_grad_ref(grad_y: torch.Tensor, x: torch.Tensor, clip: torch.Te
     r = torch.round(t)
     inside = (r >= -QMAX) & (r <= QMAX)
     grad_x = torch.where(inside, grad_y, torch.zeros((), dtype=grad_y.dtype, device=grad_y.device))
-    d_clip = torch.where(inside, (r - t) / QMAX, torch.sign(r))
+    d_clip = torch.where(inside, (r - t) * INV_QMAX, torch.sign(r))
     contrib = grad_y.float() * d_clip
     if axis is None:
         grad_clip = contrib.sum().reshape(clip.shape)
