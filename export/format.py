@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from lsquant.files import atomic_path
 
 FORMAT = "lsquant"
 FORMAT_VERSION = 1
@@ -66,36 +67,24 @@ def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], *, model_type
     if precision not in ("int8", "fp16"):
         raise ValueError(f"precision must be 'int8' or 'fp16', got {precision!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["lsquant_version"] = __version__
-            f.attrs["model_type"] = model_type
-            f.attrs["precision"] = precision
-            for key, value in (("config", config), ("special_tokens", special_tokens), ("decoding", decoding),
-                               ("quantization", quantization or {})):
-                f.attrs[key] = json.dumps(value, sort_keys=True)
-            for name, array in tensors.items():
-                array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d clip into 1-d)
-                if array.dtype not in (np.int8, np.float16, np.float32):
-                    raise ValueError(f"dataset {name}: dtype {array.dtype} is not int8, float16 or float32")
-                chunks = None
-                if array.nbytes > CHUNK_BYTES and array.ndim >= 1:
-                    rows = max(1, CHUNK_BYTES // max(1, array.nbytes // array.shape[0]))
-                    chunks = (min(rows, array.shape[0]),) + array.shape[1:]
-                f.create_dataset(name, data=array, chunks=chunks)
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["lsquant_version"] = __version__
+        f.attrs["model_type"] = model_type
+        f.attrs["precision"] = precision
+        for key, value in (("config", config), ("special_tokens", special_tokens), ("decoding", decoding),
+                           ("quantization", quantization or {})):
+            f.attrs[key] = json.dumps(value, sort_keys=True)
+        for name, array in tensors.items():
+            array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d clip into 1-d)
+            if array.dtype not in (np.int8, np.float16, np.float32):
+                raise ValueError(f"dataset {name}: dtype {array.dtype} is not int8, float16 or float32")
+            chunks = None
+            if array.nbytes > CHUNK_BYTES and array.ndim >= 1:
+                rows = max(1, CHUNK_BYTES // max(1, array.nbytes // array.shape[0]))
+                chunks = (min(rows, array.shape[0]),) + array.shape[1:]
+            f.create_dataset(name, data=array, chunks=chunks)
     return path
 
 
