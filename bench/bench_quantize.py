@@ -41,7 +41,12 @@ def main() -> None:
         y = torch._fake_quantize_learnable_per_tensor_affine(x, s, torch.zeros(1, device="cuda"), -127, 127, 1.0)
         return torch.autograd.grad(y, (x, s), gy)
 
-    def fq_bwd_ours(x, gy, c):
+    ext = ops.load()
+
+    def fq_bwd_ours(x, gy, c):  # the backward kernel alone (grad_x and the clip-gradient reduction)
+        return ext.fake_quantize_bwd(gy, x, c, 1, x.numel())
+
+    def fq_fwd_bwd_ours(x, gy, c):
         y = ops.fake_quantize(x, c)
         return torch.autograd.grad(y, (x, c), gy)
 
@@ -75,9 +80,13 @@ def main() -> None:
                     lambda x: torch.fake_quantize_per_tensor_affine(x, scale, 0, -127, 127), [(x,) for x in xs]),
             }),
             "fake_quantize_bwd": (n * 3 * e, {
-                "lsquant": (fq_bwd_ours, [(x, gy, clip.clone().requires_grad_()) for x, gy in zip(xgs, gys)]),
+                "lsquant": (fq_bwd_ours, [(x, gy, clip.reshape(1)) for x, gy in zip(xs, gys)]),
                 "torch_eager_ref": (fq_bwd_ref, [(x, gy, clip) for x, gy in zip(xs, gys)]),
                 "torch_compile_ref": (fq_bwd_ref_c, [(x, gy, clip) for x, gy in zip(xs, gys)]),
+            }),
+            # forward + backward through autograd, against PyTorch's learnable (LSQ) fake-quant
+            "fake_quantize_fwd_bwd": (n * 5 * e, {
+                "lsquant": (fq_fwd_bwd_ours, [(x, gy, clip.clone().requires_grad_()) for x, gy in zip(xgs, gys)]),
                 "torch_learnable_fake_quantize": (
                     fq_bwd_torch_learnable,
                     [(x, gy, torch.tensor([scale], device="cuda", requires_grad=True)) for x, gy in zip(xgs, gys)]),

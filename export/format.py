@@ -59,8 +59,10 @@ def _h5py():
 
 
 def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], *, model_type: str, precision: str,
-          config: dict, special_tokens: dict, decoding: dict, quantization: dict | None = None) -> Path:
-    """Write one model file atomically. tensors: dataset name -> numpy array (int8, float16 or float32)."""
+          config: dict, special_tokens: dict, decoding: dict, quantization: dict | None = None,
+          tokenizer: str | None = None) -> Path:
+    """Write one model file atomically. tensors: dataset name -> numpy array (int8, float16 or float32);
+    tokenizer: the tokenizer's own JSON (tokenizers' tokenizer.json), stored so the file is all a server needs."""
     from lsquant import __version__
 
     h5py = _h5py()
@@ -76,6 +78,8 @@ def write(path: str | os.PathLike, tensors: dict[str, np.ndarray], *, model_type
         for key, value in (("config", config), ("special_tokens", special_tokens), ("decoding", decoding),
                            ("quantization", quantization or {})):
             f.attrs[key] = json.dumps(value, sort_keys=True)
+        if tokenizer is not None:
+            f.attrs["tokenizer"] = tokenizer
         for name, array in tensors.items():
             array = np.asarray(array, order="C")  # (ascontiguousarray would turn a 0-d clip into 1-d)
             if array.dtype not in (np.int8, np.float16, np.float32):
@@ -100,6 +104,7 @@ class ModelFile:
     quantization: dict
     tensors: dict
     lsquant_version: str = ""
+    tokenizer: str | None = None
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -125,6 +130,7 @@ def read_header(path: str | os.PathLike) -> dict:
         if key not in attrs:
             raise FormatError(f"{path}: attribute {key!r} is missing")
         header[key] = str(attrs[key])
+    header["tokenizer"] = str(attrs["tokenizer"]) if "tokenizer" in attrs else None
     for key in JSON_ATTRS:
         if key not in attrs:
             raise FormatError(f"{path}: attribute {key!r} is missing")

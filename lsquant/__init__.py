@@ -17,9 +17,16 @@ from .quant import (  # noqa: E402  (the quantization core first: ops and layers
     qat_mode,
     quantize,
 )
-from .layers import QuantLinear  # noqa: E402
+from .layers import (  # noqa: E402
+    CrossEntropyLayer,
+    QuantLinear,
+    TransformerDecoderLayer,
+    TransformerEmbeddingLayer,
+    TransformerEncoderLayer,
+)
 
 __all__ = [
     "__version__", "TensorQuantizer", "calibrate", "calibrate_mode", "dequantize", "disable_quant",
     "enable_quant", "fake_quantize", "qat_mode", "quantize", "QuantLinear",
+    "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEmbeddingLayer", "CrossEntropyLayer",
 ]

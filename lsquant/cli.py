@@ -41,7 +41,92 @@ def _cmd_quickstart(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_cmd_build, _cmd_quickstart]
+def _cmd_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score outputs (BLEU, ...)",
+                       description="Evaluation metrics; one subcommand per metric.")
+    metrics = p.add_subparsers(dest="metric", metavar="metric", required=True)
+    b = metrics.add_parser("bleu", help="sacreBLEU corpus BLEU of detokenized text",
+                           description="Corpus BLEU with sacreBLEU on detokenized text (one sentence a line, "
+                                       ".gz accepted). Prints the score and sacreBLEU's signature.")
+    b.add_argument("--hyp", required=True, help="hypothesis file (system output)")
+    b.add_argument("--ref", required=True, action="append", help="reference file; repeat for several references")
+    b.add_argument("--tokenize", default="13a", help="sacreBLEU tokenizer (default 13a)")
+    b.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run_bleu(args) -> int:
+        import dataclasses
+        import json
+
+        from lsquant.eval.bleu import bleu_files
+
+        try:
+            r = bleu_files(args.hyp, args.ref, tokenize=args.tokenize, lowercase=args.lowercase)
+        except (OSError, ValueError) as e:
+            print(f"lsquant eval bleu: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(dataclasses.asdict(r)) if args.json else str(r))
+        return 0
+
+    b.set_defaults(func=run_bleu)
+
+
+def _cmd_tune(sub) -> None:
+    p = sub.add_parser("tune", help="tune the int8 GEMMs of a model config and store the choices",
+                       description="Times cuBLASLt algorithms, Triton int8 kernels and the fp16/bf16 fallback for "
+                                   "every linear shape of a Transformer (QKV, attention output, FFN in/out, "
+                                   "vocabulary) at each token count, checks each kernel's output against the "
+                                   "reference, and writes the fastest to the tuning cache that engines and "
+                                   "layers read at start-up.")
+    p.add_argument("--model", default=None, help="preset: transformer-base, transformer-big, bert-base, "
+                                                 "gpt2-medium (sets --hidden/--ffn/--vocab/--heads)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size h")
+    p.add_argument("--ffn", type=int, default=None, help="FFN inner size (default 4h)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (0: no vocabulary projection)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads (checked to divide h)")
+    p.add_argument("--tokens", default="1,8,64,512,2048,8192",
+                   help="comma-separated token counts M (batch x sequence) to tune (default %(default)s)")
+    p.add_argument("--out-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "int8", "int32"],
+                   help="GEMM output type (default bf16)")
+    p.add_argument("--activation", default="none", choices=["none", "relu", "gelu"],
+                   help="fused activation used while timing (default none)")
+    p.add_argument("--no-bias", action="store_true", help="time without the bias add")
+    p.add_argument("--backends", default="cublaslt,triton,dequant", help="candidate families (default %(default)s)")
+    p.add_argument("--cache", default=None, help="tuning cache JSON (default $LSQUANT_GEMM_CACHE or "
+                                                 "~/.cache/lsquant/gemm_tuning.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args) -> int:
+        import torch
+
+        from lsquant.inference.gemm_tuner import MODEL_PRESETS, TuningCache, tune_model
+
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8,
+                  "int32": torch.int32}
+        hidden, ffn, vocab, heads = MODEL_PRESETS.get(args.model or "", (None, None, None, None))
+        if args.model and args.model not in MODEL_PRESETS:
+            print(f"lsquant tune: unknown --model {args.model!r}; presets: {', '.join(MODEL_PRESETS)}",
+                  file=sys.stderr)
+            return 2
+        hidden = args.hidden or hidden
+        if not hidden:
+            print("lsquant tune: give --model or --hidden", file=sys.stderr)
+            return 2
+        try:
+            tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+            tune_model(hidden, args.ffn or ffn, vocab if args.vocab is None else args.vocab, args.heads or heads,
+                       tokens=tokens, out_dtype=dtypes[args.out_dtype], activation=args.activation,
+                       has_bias=not args.no_bias, cache=TuningCache(args.cache) if args.cache else None,
+                       progress=not args.no_progress, backends=tuple(args.backends.split(",")))
+        except (RuntimeError, ValueError) as e:
+            print(f"lsquant tune: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(func=run)
+
+
+COMMANDS = [_cmd_build, _cmd_quickstart, _cmd_eval, _cmd_tune]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,13 @@
 # of failed parts.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-export OUT=${OUT:-/tmp/lsquant_gpu_out}
-mkdir -p "$OUT"
+# The device returns at most 8 files: every part writes into a work folder, packed into $OUT/results.tgz
+# after each part (so a run cut short still returns what finished); CSVs are also copied to $OUT.
+FINAL_OUT=${OUT:-/tmp/lsquant_gpu_out}
+export OUT=$(mktemp -d /tmp/lsquant_work.XXXX)
+mkdir -p "$FINAL_OUT"
+pack() { tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT"/*.csv "$FINAL_OUT"/ 2>/dev/null; true; }
+trap pack EXIT
 # A build under the checkout can travel to the next call in `carry` (.torch_ext is git-ignored).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}
 export MAX_JOBS=${MAX_JOBS:-16}
@@ -36,6 +41,7 @@ for part in $parts; do
     layers) [ -f scripts/gpu_layers.sh ] && { bash scripts/gpu_layers.sh 2>&1 | tee "$OUT/layers.log" || failed=$((failed + 1)); } ;;
     *) echo "unknown part $part"; failed=$((failed + 1)) ;;
   esac
+  pack
 done
 echo "gpu_check: $failed part(s) failed"
 exit $failed

@@ -1,4 +1,12 @@
 """The fused training layers, each with a config dataclass."""
+from .config import CrossEntropyConfig, EmbeddingConfig, TransformerLayerConfig
+from .cross_entropy import CrossEntropyLayer
+from .embedding import TransformerEmbeddingLayer
 from .linear import QuantLinear
+from .transformer import TransformerDecoderLayer, TransformerEncoderLayer
 
-__all__ = ["QuantLinear"]
+__all__ = [
+    "QuantLinear",
+    "TransformerLayerConfig", "EmbeddingConfig", "CrossEntropyConfig", "TransformerEncoderLayer",
+    "TransformerDecoderLayer", "TransformerEmbeddingLayer", "CrossEntropyLayer",
+]

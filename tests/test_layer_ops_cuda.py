@@ -1,0 +1,270 @@
+"""Each Transformer-layer kernel against its reference on awkward shapes, fp16 and bf16 (fp32 where cheap),
+forward and backward.
+
+Tolerance rule (DESIGN.md principle 4): max |kernel - fp64 reference| <= 2 * max |PyTorch in the same
+precision - fp64 reference| (+ 1e-6 of the output's scale, so that a PyTorch error of exactly 0 does not demand
+bit equality from a differently ordered sum). Dropout masks and the pure dropout backward are compared exactly.
+"""
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lsquant import ops
+from lsquant.ops.dropout import keep_mask_ref
+
+pytestmark = pytest.mark.cuda
+DTYPES = [torch.float16, torch.bfloat16]
+DEV = "cuda"
+
+
+def check(name, ours, ref64, torch_same, floor_scale=None):
+    """ours, torch_same: low-precision results; ref64: fp64 reference."""
+    ref64 = ref64.double()
+    err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
+    base = (torch_same.double() - ref64).abs().max().item() if ours.numel() else 0.0
+    scale = ref64.abs().max().item() if floor_scale is None and ref64.numel() else (floor_scale or 0.0)
+    tol = 2 * base + 1e-6 * scale
+    assert math.isfinite(err) and err <= tol, f"{name}: error {err:.3e} > 2 x PyTorch's {base:.3e} (+{1e-6 * scale:.1e})"
+
+
+def rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, device=DEV, dtype=torch.float64) * scale).to(dtype)
+
+
+def keep_like(shape, p, seed):
+    return keep_mask_ref(shape, p, seed, 0, DEV)
+
+
+# ---- LayerNorm -------------------------------------------------------------------------------------------------
+
+LN_SHAPES = [(1, 256), (7, 768), (97, 1024), (255, 768), (1025, 256), (13, 1001), (3, 20000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("rows,H", LN_SHAPES)
+def test_layer_norm(rows, H, dtype):
+    x = rand(rows, H, dtype=dtype, scale=3.0) + 2.0  # a non-zero mean on purpose
+    w, b = rand(H, dtype=dtype) * 0.5 + 1, rand(H, dtype=dtype) * 0.1
+    gy = rand(rows, H, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    y = ops.layer_norm(*leaves, 1e-5)
+    y.backward(gy)
+    l64 = [t.double().requires_grad_() for t in (x, w, b)]
+    y64 = F.layer_norm(l64[0], (H,), l64[1], l64[2], 1e-5)
+    y64.backward(gy.double())
+    lt = [t.clone().requires_grad_() for t in (x, w, b)]
+    yt = F.layer_norm(lt[0], (H,), lt[1], lt[2], 1e-5)
+    yt.backward(gy)
+    check("y", y, y64, yt)
+    for n, a, r, t in zip(("gx", "gw", "gb"), leaves, l64, lt):
+        check(n, a.grad, r.grad, t.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("rows,H", [(1, 256), (97, 1024), (1025, 768), (13, 1001)])
+def test_layer_norm_fake_quant(rows, H, dtype):
+    """The fused LayerNorm + fake-quantize against LayerNorm then the fake-quantize kernel: yq bit-exact; with
+    only yq's gradient (the pre-LN layers' case) the input and LayerNorm-parameter gradients are bit-exact too
+    (the straight-through gradient reaches the LayerNorm backward unrounded either way); the clip gradient is
+    the same sum in another order (fp32)."""
+    x = rand(rows, H, dtype=dtype, scale=2.0)
+    w, b = rand(H, dtype=dtype) * 0.5 + 1, rand(H, dtype=dtype) * 0.1
+    gq = rand(rows, H, dtype=dtype)
+    clip0 = torch.tensor(2.0, device=DEV)  # LN outputs reach ~4: both clipped and unclipped values
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    clip = clip0.clone().requires_grad_()
+    y, yq = ops.layer_norm_fake_quant(*leaves, 1e-5, clip)
+    assert torch.equal(yq, ops.fake_quantize_ref(y.detach(), clip0)), "yq is not fake_quantize(y) bit for bit"
+    yq.backward(gq)
+    l2 = [t.clone().requires_grad_() for t in (x, w, b)]
+    clip2 = clip0.clone().requires_grad_()
+    y2 = ops.layer_norm(*l2, 1e-5)
+    assert torch.equal(y, y2)
+    ops.fake_quantize(y2, clip2).backward(gq)
+    for n, a, r in zip(("gx", "gw", "gb"), leaves, l2):
+        assert torch.equal(a.grad, r.grad), n
+    torch.testing.assert_close(clip.grad, clip2.grad, rtol=1e-4, atol=1e-4)
+    assert float(clip.grad.abs()) > 0
+
+
+# ---- bias + activation + dropout, bias + dropout + residual ---------------------------------------------------
+
+EW_SHAPES = [(1, 256), (7, 768), (97, 1024), (255, 3072), (1025, 1001), (3, 13)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("rows,N", EW_SHAPES)
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bias_act_dropout(rows, N, act, p, dtype):
+    seed = 1234 + rows
+    x, bias, gy = rand(rows, N, dtype=dtype), rand(N, dtype=dtype), rand(rows, N, dtype=dtype)
+    xl, bl = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    y = ops.bias_act_dropout(xl, bl, act, p, seed)
+    y.backward(gy)
+    x64, b64 = x.double().requires_grad_(), bias.double().requires_grad_()
+    y64 = ops.bias_act_dropout_ref(x64, b64, act, p, seed)
+    y64.backward(gy.double())
+    xt, bt = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    a = torch.relu(xt + bt) if act == "relu" else F.gelu(xt + bt)
+    yt = a * keep_like(a.shape, p, seed).to(dtype) * (1 / (1 - p)) if p else a
+    yt.backward(gy)
+    if p:
+        dropped = ~keep_like(y.shape, p, seed)
+        assert bool((y[dropped] == 0).all()), "an element the mask drops is not 0"
+    check("y", y, y64, yt)
+    check("gx", xl.grad, x64.grad, xt.grad)
+    check("gbias", bl.grad, b64.grad, bt.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("rows,N", [(1, 256), (97, 1024), (1025, 1001), (3, 13)])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bias_act_dropout_fake_quant(rows, N, act, p, dtype):
+    """Fused against bias_act_dropout then the fake-quantize kernel: output and input/bias gradients bit-exact
+    (the same arithmetic, the straight-through gradient unrounded either way); clip gradient up to fp32
+    summation order."""
+    seed = 77 + N
+    x, bias, gy = rand(rows, N, dtype=dtype), rand(N, dtype=dtype), rand(rows, N, dtype=dtype)
+    clip0 = torch.tensor(1.5, device=DEV)  # activations reach ~4: clipped and unclipped values
+    xl, bl, cl = x.clone().requires_grad_(), bias.clone().requires_grad_(), clip0.clone().requires_grad_()
+    y = ops.bias_act_dropout_fake_quant(xl, bl, act, p, seed, cl)
+    y.backward(gy)
+    x2, b2, c2 = x.clone().requires_grad_(), bias.clone().requires_grad_(), clip0.clone().requires_grad_()
+    y2 = ops.fake_quantize(ops.bias_act_dropout(x2, b2, act, p, seed), c2)
+    y2.backward(gy)
+    assert torch.equal(y, y2)
+    assert torch.equal(xl.grad, x2.grad) and torch.equal(bl.grad, b2.grad)
+    torch.testing.assert_close(cl.grad, c2.grad, rtol=1e-4, atol=1e-4)
+    assert float(cl.grad.abs()) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,N", EW_SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_bias_dropout_residual(rows, N, p, dtype):
+    seed = 99 + N
+    x, bias, res, gy = (rand(rows, N, dtype=dtype), rand(N, dtype=dtype), rand(rows, N, dtype=dtype),
+                        rand(rows, N, dtype=dtype))
+    leaves = [t.clone().requires_grad_() for t in (x, bias, res)]
+    y = ops.bias_dropout_residual(*leaves, p, seed)
+    y.backward(gy)
+    l64 = [t.double().requires_grad_() for t in (x, bias, res)]
+    y64 = ops.bias_dropout_residual_ref(*l64, p, seed)
+    y64.backward(gy.double())
+    lt = [t.clone().requires_grad_() for t in (x, bias, res)]
+    h = lt[0] + lt[1]
+    yt = lt[2] + (h * keep_like(h.shape, p, seed).to(dtype) * (1 / (1 - p)) if p else h)
+    yt.backward(gy)
+    check("y", y, y64, yt)
+    for n, a, r, t in zip(("gx", "gbias", "gres"), leaves, l64, lt):
+        check(n, a.grad, r.grad, t.grad)
+    if p:  # the dropout backward is one multiply: bit-exact against the reference
+        assert torch.equal(leaves[0].grad, ops.dropout_ref(gy, p, seed))
+
+
+# ---- masked softmax --------------------------------------------------------------------------------------------
+
+SM_SHAPES = [(1, 2, 1, 1), (1, 4, 7, 7), (2, 3, 97, 97), (1, 2, 255, 255), (1, 1, 33, 1025), (3, 2, 1, 40),
+             (2, 2, 5, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("B,nH,Lq,Lk", SM_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_masked_softmax(B, nH, Lq, Lk, causal, masked, p, dtype):
+    seed, sscale = 7 + Lk, 0.125
+    x, gy = rand(B, nH, Lq, Lk, dtype=dtype, scale=4.0), rand(B, nH, Lq, Lk, dtype=dtype)
+    mask = None
+    if masked:  # right padding; every row keeps at least its first key
+        lengths = torch.randint(1, Lk + 1, (B,), generator=torch.Generator().manual_seed(Lk))
+        mask = (torch.arange(Lk)[None] >= lengths[:, None]).to(DEV)
+    xl = x.clone().requires_grad_()
+    y = ops.masked_softmax(xl, mask, causal, p, seed, scale=sscale)
+    y.backward(gy)
+    x64 = x.double().requires_grad_()
+    y64 = ops.masked_softmax_ref(x64, mask, causal, p, seed, scale=sscale)
+    y64.backward(gy.double())
+    xt = x.clone().requires_grad_()
+    m = ops.softmax.attention_mask_ref(B, Lq, Lk, mask, causal, DEV)
+    s = xt * sscale
+    if m is not None:
+        s = s.masked_fill(m, float("-inf"))
+    yt = torch.softmax(s, -1).nan_to_num(0.0)
+    if p:
+        yt = yt * keep_like(yt.shape, p, seed).to(dtype) * (1 / (1 - p))
+    yt.backward(gy)
+    check("probs", y, y64, yt, floor_scale=1.0)
+    check("grad", xl.grad, x64.grad, xt.grad.nan_to_num(0.0))
+
+
+def test_fully_masked_rows_give_zeros():
+    x = torch.randn(1, 1, 3, 8, device=DEV, dtype=torch.float16)
+    mask = torch.ones(1, 8, dtype=torch.bool, device=DEV)
+    assert torch.equal(ops.masked_softmax(x, mask), torch.zeros_like(x))
+
+
+# ---- embedding -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("B,L,H", [(1, 1, 256), (1, 7, 768), (3, 97, 1024), (2, 255, 256), (1, 1025, 768),
+                                   (5, 3, 13)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("learned", [False, True])
+def test_embedding(B, L, H, p, learned, dtype):
+    V, P, pad, start, seed = 1000, L + 4, 1, 3, 5 + L
+    gen = torch.Generator().manual_seed(L)
+    tokens = torch.randint(0, V, (B, L), generator=gen)
+    tokens[0, -1] = pad
+    tokens = tokens.to(DEV)
+    table, pos = rand(V, H, dtype=dtype, scale=0.1), rand(P, H, dtype=dtype, scale=0.1)
+    gy = rand(B, L, H, dtype=dtype)
+    tl, pl = table.clone().requires_grad_(), pos.clone().requires_grad_(learned)
+    scale = math.sqrt(H)
+    y = ops.embedding(tokens, tl, pl, scale, pad, start, p, seed)
+    y.backward(gy)
+    t64, p64 = table.double().requires_grad_(), pos.double().requires_grad_(learned)
+    y64 = ops.embedding_ref(tokens, t64, p64, scale, pad, start, p, seed)
+    y64.backward(gy.double())
+    tt, pt = table.clone().requires_grad_(), pos.clone().requires_grad_(learned)
+    yt = F.embedding(tokens, tt) * scale + pt[start:start + L]
+    yt = yt.masked_fill((tokens == pad)[..., None], 0)
+    if p:
+        yt = yt * keep_like(yt.shape, p, seed).to(dtype) * (1 / (1 - p))
+    yt.backward(gy)
+    assert float(y[0, -1].abs().sum()) == 0.0
+    check("y", y, y64, yt)
+    check("gtable", tl.grad, t64.grad, tt.grad)
+    if learned:
+        check("gpos", pl.grad, p64.grad, pt.grad)
+
+
+# ---- cross-entropy ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("N,V", [(1, 256), (7, 1000), (97, 32000), (255, 50257), (1025, 768), (6, 13)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy(N, V, eps, dtype):
+    x = rand(N, V, dtype=dtype, scale=3.0)
+    t = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(N)).to(DEV)
+    t[::3] = -100  # ignored
+    gl = torch.rand(N, device=DEV)
+    xl = x.clone().requires_grad_()
+    loss, nll = ops.cross_entropy(xl, t, eps)
+    loss.backward(gl)
+    x64 = x.double().requires_grad_()
+    l64, n64 = ops.cross_entropy_ref(x64, t, eps)
+    l64.backward(gl.double())
+    xt = x.clone().requires_grad_()
+    lt = F.cross_entropy(xt, t, label_smoothing=eps, reduction="none")
+    lt.backward(gl.to(dtype))
+    nt = F.cross_entropy(x, t, reduction="none")
+    check("loss", loss, l64, lt)
+    check("nll", nll, n64, nt)
+    check("grad", xl.grad, x64.grad, xt.grad)
+    assert float(xl.grad[::3].abs().sum()) == 0.0
