@@ -29,14 +29,21 @@ def _cmd_build(sub) -> None:
 
 def _cmd_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="run the whole pipeline on a small example and print a summary",
-                       description="Runs every stage of the lsquant pipeline that is built so far on a small "
-                                   "self-generated example, on the GPU if there is one, else on the CPU.")
+                       description="Train a small translation Transformer, fine-tune it with QAT, calibrate a "
+                                   "PTQ copy, export fp16 and int8 files, translate the test set with each "
+                                   "engine, score BLEU and print a table. Without --data it uses a synthetic "
+                                   "corpus the project generates itself and runs on the CPU in minutes.")
+    p.add_argument("--data", default=None, help="a Multi30k-style folder: run the real recipe on it instead")
+    p.add_argument("--run-dir", default="runs/quickstart", help="where to write (default runs/quickstart)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a RecipeConfig field (repeatable)")
 
     def run(args) -> int:
         from lsquant.quickstart import main as quickstart
 
-        return quickstart(seed=args.seed)
+        over = {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set)}
+        return quickstart(seed=args.seed, data=args.data, run_dir=args.run_dir, **over)
 
     p.set_defaults(func=run)
 
@@ -126,7 +133,132 @@ def _cmd_tune(sub) -> None:
     p.set_defaults(func=run)
 
 
-COMMANDS = [_cmd_build, _cmd_quickstart, _cmd_eval, _cmd_tune]
+def _recipe_args(p) -> None:
+    """Options shared by the translation-recipe commands (train, qat, ptq, export, infer)."""
+    p.add_argument("--run-dir", default="runs/mt", help="the run's folder (checkpoints, exports, reports); "
+                   "default runs/mt")
+    p.add_argument("--data", default=None, help="Multi30k-style data folder (default $LSQUANT_DATA; with "
+                   "neither, the project's synthetic corpus)")
+    p.add_argument("--src-lang", default=None, help="source language suffix (default de; toy for synthetic)")
+    p.add_argument("--tgt-lang", default="en", help="target language suffix (default en)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set any RecipeConfig field, e.g. --set max_steps=4000 --set lr=7e-4 (repeatable)")
+    p.add_argument("--model", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a TransformerConfig field, e.g. --model hidden_size=256 (repeatable)")
+
+
+def _parse_value(v: str):
+    import json
+
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+
+
+def _recipe_config(args):
+    import dataclasses
+    import json
+    import os
+    from pathlib import Path
+
+    from lsquant.recipes.mt.pipeline import RecipeConfig
+
+    saved = Path(args.run_dir) / "recipe.json"
+    base = json.loads(saved.read_text()) if saved.is_file() else {}
+    fields = {f.name for f in dataclasses.fields(RecipeConfig)}
+    kw = {k: v for k, v in base.items() if k in fields}
+    kw["run_dir"] = args.run_dir
+    data = args.data or os.environ.get("LSQUANT_DATA") or kw.get("data")
+    kw["data"] = data
+    kw["src_lang"] = args.src_lang or kw.get("src_lang") or ("de" if data else "toy")
+    kw["tgt_lang"] = args.tgt_lang
+    if not data:
+        kw.setdefault("test_splits", ["test"])
+    for item in args.set:
+        k, _, v = item.partition("=")
+        if k not in fields:
+            raise SystemExit(f"--set {k}: RecipeConfig has no such field (fields: {', '.join(sorted(fields))})")
+        kw[k] = _parse_value(v)
+    model = dict(kw.get("model") or {})
+    for item in args.model:
+        k, _, v = item.partition("=")
+        model[k] = _parse_value(v)
+    kw["model"] = model
+    if isinstance(kw.get("test_splits"), list):
+        kw["test_splits"] = tuple(kw["test_splits"])
+    cfg = RecipeConfig(**kw)
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    cfg.save()
+    from lsquant.recipes.report import setup_logging
+
+    setup_logging(cfg.root)
+    return cfg
+
+
+def _cmd_recipe(sub) -> None:
+    stages = {
+        "train": ("train the float model (resumes from the run's last checkpoint)", "train"),
+        "qat": ("calibrate the float model, turn int8 on and fine-tune (QAT)", "qat"),
+        "ptq": ("post-training quantization: calibrate the float model, no training", "ptq"),
+    }
+    for name, (help_, fn) in stages.items():
+        p = sub.add_parser(name, help=help_, description=f"{help_}. Translation recipe stage; see README.")
+        _recipe_args(p)
+        if name == "ptq":
+            p.add_argument("--method", choices=["max", "percentile", "mse"], default=None,
+                           help="calibration method (default: the recipe's ptq_method, percentile)")
+
+        def run(args, fn=fn, name=name):
+            from lsquant.recipes.mt import pipeline
+
+            cfg = _recipe_config(args)
+            out = pipeline.ptq(cfg, args.method) if name == "ptq" else getattr(pipeline, fn)(cfg)
+            print(f"lsquant {name}: wrote {out}")
+            return 0
+
+        p.set_defaults(func=run)
+
+    p = sub.add_parser("export", help="export a model checkpoint to the int8 (or fp16) HDF5 format",
+                       description="Write one self-describing HDF5 file (export/FORMAT.md) from a checkpoint "
+                                   "of the recipe (float/model.pt, qat/model.pt, ptq_<method>/model.pt).")
+    _recipe_args(p)
+    p.add_argument("checkpoint", help="model.pt written by train, qat or ptq")
+    p.add_argument("out", help="the .h5 file to write (atomically)")
+    p.add_argument("--precision", choices=["int8", "fp16"], default="int8", help="default int8")
+
+    def run_export(args):
+        from lsquant.recipes.mt import pipeline
+
+        out = pipeline.export(_recipe_config(args), args.checkpoint, args.out, args.precision)
+        print(f"lsquant export: wrote {out} ({out.stat().st_size / 2**20:.1f} MB)")
+        return 0
+
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("infer", help="translate with an exported model and score BLEU",
+                       description="Translate test splits with QuantTransformer (int8 files) or Transformer "
+                                   "(fp16 files) and score them with sacreBLEU.")
+    _recipe_args(p)
+    p.add_argument("model_file", help="an .h5 export")
+    p.add_argument("--splits", nargs="+", default=None, help="test splits (default: the recipe's)")
+
+    def run_infer(args):
+        from pathlib import Path
+
+        from lsquant.recipes.mt import pipeline
+
+        cfg = _recipe_config(args)
+        res = pipeline.evaluate(cfg, {Path(args.model_file).stem: Path(args.model_file)},
+                                tuple(args.splits) if args.splits else None)
+        for name, row in res.items():
+            print(name, " ".join(f"{k}={v}" for k, v in row.items()))
+        return 0
+
+    p.set_defaults(func=run_infer)
+
+
+COMMANDS = [_cmd_build, _cmd_quickstart, _cmd_recipe, _cmd_eval, _cmd_tune]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,7 +137,7 @@ GPU_SLUG=$("$PY" -c "import torch;n=torch.cuda.get_device_name();print(''.join(c
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   stage bench 540 layers_bench.log -- "$PY" bench/bench_layers.py --out "$OUT/layers_${GPU_SLUG}.csv"
 elif [ "$MODE" = quick ]; then
-  stage bench 240 layers_bench.log -- "$PY" bench/bench_layers.py --quick --out "$OUT/layers_${GPU_SLUG}_quick.csv"
+  stage bench 300 layers_bench.log -- "$PY" bench/bench_layers.py --quick --out "$OUT/layers_${GPU_SLUG}_quick.csv"
 fi
 
 echo "total $(( $(date +%s) - T0 )) s; first failure rc=$FIRST_FAIL" | tee -a "$STATUS"

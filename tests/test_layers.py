@@ -363,3 +363,47 @@ def test_convergence_and_qat_on_cpu(one_thread):
     assert first > 2.4, first
     assert before_q < 0.8, before_q  # learned by step ~200 at lr 1e-2 (0.57 here)
     assert last < before_q + 0.15, (before_q, last)  # QAT keeps the learned solution
+
+
+# ---- the CUDA path's Python plumbing, exercised on the CPU --------------------------------------------------
+
+@pytest.mark.parametrize("Lq,Lk,causal,masked", [(5, 9, True, True), (5, 9, False, True), (5, 9, True, False),
+                                                 (5, 5, True, False), (1, 7, True, True), (4, 9, False, False)])
+def test_sdpa_path_equals_masked_softmax(Lq, Lk, causal, masked):
+    """Without attention dropout the CUDA layers attend through F.scaled_dot_product_attention: the same
+    function as the fused masked softmax (incremental causal offsets and padding included)."""
+    from lsquant.layers.transformer import _sdpa
+    q, k, v = torch.randn(2, 3, Lq, 8), torch.randn(2, 3, Lk, 8), torch.randn(2, 3, Lk, 8)
+    mask = padding_mask([Lk, Lk - 3], Lk) if masked else None
+    probs = ops.masked_softmax(q @ k.transpose(-1, -2), mask, causal, scale=8 ** -0.5)
+    torch.testing.assert_close(_sdpa(q, k, v, mask, causal), probs @ v, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_quant_plumbing_equals_unfused(monkeypatch):
+    """The QAT fusions (LayerNorm -> quantized QKV/FFN1 input, FFN1 epilogue -> quantized FFN2 input) run only
+    on CUDA; forcing them here (their ops fall back to the references) must give the unfused layer's output
+    and gradients exactly."""
+    from lsquant.layers.base import LinearQuant
+    from lsquant.quant import QUANT
+    dec = TransformerDecoderLayer.from_torch(torch_decoder(True, "gelu"), max_seq_len=16)
+    x, mem = torch.randn(2, 7, H), torch.randn(2, 5, H)
+    lsquant.calibrate(dec, [(x, mem)], progress=False)
+    dec.apply(lsquant.qat_mode)
+    out = dec(x, mem)
+    out.backward(torch.ones_like(out))
+    grads = {n: p.grad.clone() for n, p in dec.named_parameters()}
+    dec.zero_grad()
+    used = []
+
+    def forced(self, t):
+        q = self.input_quantizer
+        used.append(1)
+        return q.current_clip() if q.mode == QUANT and q.axis is None and not q.dynamic else None
+
+    monkeypatch.setattr(LinearQuant, "fusable_input_clip", forced)
+    out2 = dec(x, mem)
+    out2.backward(torch.ones_like(out2))
+    assert len(used) == 4  # QKV, cross-Q, FFN1 (LayerNorm fusions) and FFN2 (epilogue fusion)
+    assert torch.equal(out, out2)
+    for n, p in dec.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-7, msg=n)

@@ -8,6 +8,12 @@ Data flow of one sublayer (pre-LN; post-LN moves the LayerNorm after the residua
 
 Quantization (``layer.apply(lsquant.enable_quant)``): every linear's input (per-tensor learnable clip) and
 weight (per output channel, dynamic), and in the decoder the self-attention K and V as they enter the cache.
+
+On CUDA: LayerNorm, the bias epilogues, the embedding and the loss are the fused kernels of csrc/kernels; GEMMs
+are cuBLAS (F.linear / matmul) in the layer's dtype; attention without probability dropout is
+F.scaled_dot_product_attention, with dropout the fused masked softmax. Under QAT the pre-LN LayerNorms and the
+FFN1 epilogue emit the next linear's fake-quantized input in the same kernel. Inputs are checked first
+(shapes, max_batch_tokens, max_seq_len, dtype, device): a clear exception, never a bad kernel launch.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lsquant import ops
+from lsquant.ops.softmax import attention_mask_ref
 from lsquant.quant import TensorQuantizer
 
 from .base import FlatParamLayer, LinearQuant, check_hidden, check_padding_mask, check_tensor, xavier_
@@ -39,10 +46,10 @@ def _merge_heads(t: torch.Tensor) -> torch.Tensor:
 def _sdpa(q, k, v, key_padding_mask, causal: bool) -> torch.Tensor:
     """Attention without dropout through F.scaled_dot_product_attention, masks as ops.masked_softmax takes them
     (a query whose keys are all masked gives NaN here, 0 in the reference: the layers' inputs never have one)."""
-    B, _, Lq, Lk = q.shape
+    B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     if key_padding_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    masked = ops.softmax.attention_mask_ref(B, Lq, Lk, key_padding_mask, causal, q.device)
+    masked = attention_mask_ref(B, Lq, Lk, key_padding_mask, causal, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked)
 
 

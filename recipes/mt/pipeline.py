@@ -1,0 +1,310 @@
+"""The translation recipe: fp16/bf16 training, QAT fine-tuning, PTQ, export, int8 / fp16 inference and BLEU.
+
+Every stage is a function of a :class:`RecipeConfig` and a run directory; the ``lsquant train|qat|ptq|export|
+infer|eval`` commands and ``lsquant quickstart`` call these functions. Layout of a run directory::
+
+    tokenizer.json                 joint BPE of the training data (also stored in every export)
+    float/ckpt/checkpoint_*.pt     resumable training state (atomic; the newest few kept)
+    float/model.pt                 the trained float model
+    qat/ckpt/..., qat/model.pt     QAT fine-tuning from float/model.pt (calibrated, then trained in int8)
+    ptq_<method>/model.pt          the float model with calibrated clips (no training)
+    export/{fp16,qat_int8,ptq_<method>_int8}.h5
+    eval/<export>.<split>.hyp      detokenised outputs; results.json / results.md: the report
+    log.txt
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import lsquant
+from lsquant.models import Transformer, TransformerConfig
+
+from ..checkpoint import CheckpointManager, restore_checkpoint
+from ..schedule import inverse_sqrt_schedule
+from .batching import TokenBatchSampler, collate, length_sorted_batches
+from .tokenizer import MTTokenizer
+
+log = logging.getLogger("lsquant")
+
+
+@dataclass
+class RecipeConfig:
+    """Everything a run needs; saved as run_dir/recipe.json. ``model`` overrides TransformerConfig fields."""
+    run_dir: str = "runs/mt"
+    data: str | None = None            # a Multi30k-style folder; None: the synthetic corpus under run_dir/data
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    train_split: str = "train"
+    valid_split: str = "val"
+    test_splits: tuple = ("test_2016_flickr", "test_2017_flickr", "test_2017_mscoco")
+    vocab_size: int = 8000
+    model: dict = field(default_factory=dict)
+    max_batch_tokens: int = 8192
+    lr: float = 1e-3
+    warmup: int = 1000
+    max_steps: int = 6000
+    save_every: int = 500
+    clip_norm: float = 1.0
+    qat_steps: int = 1000
+    qat_lr: float = 1e-4
+    calib_batches: int = 8
+    calib_method: str = "percentile"
+    ptq_method: str = "percentile"
+    beam_size: int = 4
+    infer_batch_size: int = 128
+    dtype: str = "float32"             # model (and layer) dtype
+    device: str = "auto"
+    seed: int = 1
+    limit_train: int | None = None     # first N training pairs only (smoke runs)
+    limit_test: int | None = None      # first N sentences of each test split only (smoke runs)
+    version: int = 1
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def save(self) -> None:
+        from lsquant.files import atomic_write
+
+        with atomic_write(self.root / "recipe.json", "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=1)
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+
+def data_dir(cfg: RecipeConfig) -> Path:
+    from .data import resolve_data_dir
+    from .synthetic import SRC_LANG, TGT_LANG, write_corpus
+
+    if cfg.data is None:
+        if (cfg.src_lang, cfg.tgt_lang) != (SRC_LANG, TGT_LANG):
+            raise ValueError(f"the synthetic corpus is {SRC_LANG}->{TGT_LANG}; set src_lang/tgt_lang to match "
+                             "or pass --data")
+        return write_corpus(cfg.root / "data")
+    return resolve_data_dir(cfg.data)
+
+
+def load_pairs(cfg: RecipeConfig, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    from .data import load_split
+
+    ds = load_split(data_dir(cfg), split, cfg.src_lang, cfg.tgt_lang, limit=limit)
+    return list(ds["src"]), list(ds["tgt"])
+
+
+def tokenizer(cfg: RecipeConfig) -> MTTokenizer:
+    """The run's tokenizer: loaded from run_dir, else trained on the training split and saved there."""
+    path = cfg.root / "tokenizer.json"
+    if path.is_file():
+        return MTTokenizer.load(path)
+    src, tgt = load_pairs(cfg, cfg.train_split, cfg.limit_train)
+    tok = MTTokenizer.train_on_pairs(src, tgt, vocab_size=cfg.vocab_size, show_progress=False)
+    tok.save(path)
+    log.info("trained a %d-token joint BPE on %d pairs", tok.vocab_size, len(src))
+    return tok
+
+
+def encoded(cfg: RecipeConfig, tok: MTTokenizer, split: str, limit: int | None = None, max_len: int | None = None):
+    src, tgt = load_pairs(cfg, split, limit)
+    s = tok.encode_batch(src, add_bos=False, max_len=max_len)
+    t = tok.encode_batch(tgt, max_len=max_len + 1 if max_len else None)
+    return s, t, tgt
+
+
+def model_config(cfg: RecipeConfig, tok: MTTokenizer) -> TransformerConfig:
+    # vocabulary padded to a multiple of 8 (tensor-core friendly); the extra ids are never produced by data
+    vocab = int(math.ceil(tok.vocab_size / 8) * 8)
+    kw = dict(vocab_size=vocab, max_batch_tokens=cfg.max_batch_tokens, beam_size=cfg.beam_size, dtype=cfg.dtype,
+              pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, unk_id=tok.unk_id)
+    kw.update(cfg.model)
+    return TransformerConfig(**kw)
+
+
+# -- training ---------------------------------------------------------------------------------------------------
+
+def _batches(cfg: RecipeConfig, src, tgt, seed: int, max_tokens: int) -> TokenBatchSampler:
+    return TokenBatchSampler.for_pairs(src, tgt, max_tokens, seed=seed, pad_to_multiple=8)
+
+
+def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, lr: float, warmup: int,
+                src, tgt) -> Transformer:
+    """Train ``model`` for ``steps`` optimizer steps with checkpoints under run_dir/<stage>/ckpt, resuming from
+    the newest one; returns the model (also saved as run_dir/<stage>/model.pt)."""
+    dev = cfg.torch_device()
+    model.to(dev).train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    sched = inverse_sqrt_schedule(opt, warmup)
+    sampler = _batches(cfg, src, tgt, cfg.seed, cfg.max_batch_tokens)
+    ckpts = CheckpointManager(cfg.root / stage / "ckpt", keep_last=2)
+    step = 0
+    ckpt = ckpts.load_latest(map_location=dev)
+    if ckpt is not None:
+        step = restore_checkpoint(ckpt, model, opt, sched)
+        sampler.load_state_dict(ckpt["data_state"])
+        log.info("%s: resumed from %s (step %d)", stage, ckpt["path"], step)
+    it = sampler.forever()
+    bar = tqdm(total=steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
+    t0, tokens_seen = time.perf_counter(), 0
+    while step < steps:
+        idx = next(it)
+        b = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_to_multiple=8)
+        s, ti, to = b["src_ids"].to(dev), b["tgt_in"].to(dev), b["tgt_out"].to(dev)
+        ntok = int(b["ntokens"])
+        loss, nll = model.loss(s, ti, to)
+        opt.zero_grad(set_to_none=True)
+        (loss / ntok).backward()
+        if cfg.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        opt.step()
+        sched.step()
+        step += 1
+        tokens_seen += ntok
+        if step % 10 == 0 or step == steps:
+            rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss.item() / ntok:.3f}", nll=f"{nll.item() / ntok:.3f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if step % cfg.save_every == 0 or step == steps:
+            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict())
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    model.save(cfg.root / stage / "model.pt", extra={"train_tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
+    log.info("%s: %d steps, %.0f target tokens/s", stage, steps, tokens_seen / max(elapsed, 1e-9))
+    return model
+
+
+def train(cfg: RecipeConfig) -> Path:
+    """Stage 1: train the float model. -> run_dir/float/model.pt"""
+    torch.manual_seed(cfg.seed)
+    tok = tokenizer(cfg)
+    mcfg = model_config(cfg, tok)
+    src, tgt, _ = encoded(cfg, tok, cfg.train_split, cfg.limit_train, max_len=mcfg.max_seq_len - 1)
+    _train_loop(cfg, Transformer(mcfg), "float", cfg.max_steps, cfg.lr, cfg.warmup, src, tgt)
+    return cfg.root / "float" / "model.pt"
+
+
+def _calibration_batches(cfg: RecipeConfig, src, tgt, dev):
+    sampler = _batches(cfg, src, tgt, cfg.seed + 1, cfg.max_batch_tokens)
+    out = []
+    for idx in sampler.forever():
+        b = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_to_multiple=8)
+        out.append((b["src_ids"].to(dev), b["tgt_in"].to(dev)))
+        if len(out) == cfg.calib_batches:
+            return out
+
+
+def qat(cfg: RecipeConfig) -> Path:
+    """Stage 2: calibrate the float model's clips, turn quantization on, fine-tune. -> run_dir/qat/model.pt"""
+    torch.manual_seed(cfg.seed)
+    tok = tokenizer(cfg)
+    dev = cfg.torch_device()
+    model = Transformer.load(cfg.root / "float" / "model.pt", map_location=dev)
+    src, tgt, _ = encoded(cfg, tok, cfg.train_split, cfg.limit_train, max_len=model.config.max_seq_len - 1)
+    if not CheckpointManager(cfg.root / "qat" / "ckpt").checkpoints():  # a resumed run has its clips there
+        lsquant.calibrate(model, _calibration_batches(cfg, src, tgt, dev), method=cfg.calib_method)
+    model.apply(lsquant.enable_quant)
+    _train_loop(cfg, model, "qat", cfg.qat_steps, cfg.qat_lr, max(1, cfg.qat_steps // 10), src, tgt)
+    return cfg.root / "qat" / "model.pt"
+
+
+def ptq(cfg: RecipeConfig, method: str | None = None) -> Path:
+    """Post-training quantization: calibrate the float model only. -> run_dir/ptq_<method>/model.pt"""
+    method = method or cfg.ptq_method
+    tok = tokenizer(cfg)
+    dev = cfg.torch_device()
+    model = Transformer.load(cfg.root / "float" / "model.pt", map_location=dev)
+    src, tgt, _ = encoded(cfg, tok, cfg.train_split, cfg.limit_train, max_len=model.config.max_seq_len - 1)
+    lsquant.calibrate(model, _calibration_batches(cfg, src, tgt, dev), method=method)
+    out = cfg.root / f"ptq_{method}" / "model.pt"
+    model.save(out)
+    return out
+
+
+# -- export, inference, evaluation ------------------------------------------------------------------------------
+
+def export(cfg: RecipeConfig, model_path: str | Path, out: str | Path, precision: str) -> Path:
+    from lsquant.export import export_transformer
+
+    model = Transformer.load(model_path)
+    return export_transformer(model, out, precision, tokenizer=tokenizer(cfg).to_str())
+
+
+def translate(engine, tok: MTTokenizer, sentences: list[str], batch_size: int, beam_size: int | None = None,
+              desc: str = "translating") -> tuple[list[str], float]:
+    """-> (detokenised best hypotheses in input order, sentences per second)."""
+    src = tok.encode_batch(sentences, add_bos=False, max_len=engine.cfg.max_seq_len)
+    out: list[str | None] = [None] * len(src)
+    batches = length_sorted_batches([len(s) for s in src], batch_size)
+    t0 = time.perf_counter()
+    for idx in tqdm(batches, desc=desc, unit="batch", dynamic_ncols=True):
+        b = collate([src[i] for i in idx])
+        tokens, _ = engine.infer(b["src_ids"], method="beam", beam_size=beam_size)
+        for i, hyp in zip(idx, tok.decode_batch(tokens[:, 0].cpu())):
+            # byte-level BPE can decode a line break (an undertrained model does): one sentence, one line
+            out[i] = " ".join(hyp.split()) if ("\n" in hyp or "\r" in hyp) else hyp
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, len(src) / max(time.perf_counter() - t0, 1e-9)
+
+
+def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...] | None = None) -> dict:
+    """BLEU (sacreBLEU, detokenised) of each export on each split, sentences/s, file sizes."""
+    from lsquant.eval.bleu import corpus_bleu
+    from lsquant.files import write_lines
+    from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
+
+    tok = tokenizer(cfg)
+    results = {}
+    for name, path in exports.items():
+        from lsquant.export import read_header
+
+        kind = QuantTransformer if read_header(path)["precision"] == "int8" else FloatEngine
+        eng = kind(path, max_batch_size=cfg.infer_batch_size, beam_size=cfg.beam_size)
+        row = {"file_MB": round(Path(path).stat().st_size / 2**20, 2)}
+        for split in splits or cfg.test_splits:
+            srcs, refs = load_pairs(cfg, split, cfg.limit_test)
+            hyps, sps = translate(eng, tok, srcs, cfg.infer_batch_size, desc=f"{name} {split}")
+            write_lines(cfg.root / "eval" / f"{name}.{split}.hyp", hyps)
+            bleu = corpus_bleu(hyps, refs)
+            row[f"BLEU {split}"] = round(bleu.score, 2)
+            row[f"sent/s {split}"] = round(sps, 1)
+            log.info("%s %s: BLEU %.2f (%s), %.1f sentences/s", name, split, bleu.score, bleu.signature, sps)
+        results[name] = row
+    return results
+
+
+def run_all(cfg: RecipeConfig) -> dict:
+    """train -> QAT -> PTQ -> export (fp16, QAT int8, PTQ int8) -> inference + BLEU on the test splits -> report."""
+    from ..report import setup_logging, write_report
+
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    cfg.save()
+    setup_logging(cfg.root)   # run_dir/log.txt and the console (replaces earlier handlers of this process)
+    fp = train(cfg)
+    q = qat(cfg)
+    p = ptq(cfg)
+    ex = cfg.root / "export"
+    exports = {"fp16": export(cfg, fp, ex / "fp16.h5", "fp16"),
+               "qat_int8": export(cfg, q, ex / "qat_int8.h5", "int8"),
+               f"ptq_{cfg.ptq_method}_int8": export(cfg, p, ex / f"ptq_{cfg.ptq_method}_int8.h5", "int8")}
+    results = evaluate(cfg, exports)
+    fp32_mb = (cfg.root / "float" / "model.pt").stat().st_size / 2**20
+    for name, row in results.items():
+        row["size vs fp32 checkpoint"] = round(row["file_MB"] / fp32_mb, 3)
+    for stage in ("float", "qat"):
+        blob = torch.load(cfg.root / stage / "model.pt", map_location="cpu", weights_only=False)
+        results.setdefault("training", {})[f"{stage} target tokens/s"] = round(blob["extra"].get("train_tokens_per_s", 0))
+    write_report(cfg.root, results, title="lsquant translation recipe")
+    return results
