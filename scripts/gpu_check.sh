@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: install, build, run the `cuda` tests and the benchmarks, and write
-# logs and CSVs under $OUT. Usage: bash scripts/gpu_check.sh [part ...]   (parts: quant gemm layers; default all)
+# logs and CSVs under $OUT. Usage: bash scripts/gpu_check.sh [part[:mode] ...]
+#   parts: quant[:test] engine gemm[:quick|test|bench] layers[:quick|test|bench] recipe[:MODE]; default
+#   "quant engine gemm layers". Run `test` modes first, then `bench` modes in the next call with .torch_ext
+#   carried (or on the same warm machine) so the build is reused.
 # Each part is independent: a failure is logged and the next part still runs; the exit code is the number
 # of failed parts.
 set -uo pipefail
@@ -15,7 +18,7 @@ trap pack EXIT
 # A build under the checkout can travel to the next call in `carry` (.torch_ext is git-ignored).
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_ext}
 export MAX_JOBS=${MAX_JOBS:-16}
-parts=${*:-quant gemm layers}
+parts=${*:-quant engine gemm layers}
 failed=0
 
 (
@@ -28,17 +31,25 @@ failed=0
 ) 2>&1 | tee "$OUT/setup.log" || failed=$((failed + 1))
 
 for part in $parts; do
-  case $part in
+  name=${part%%:*}; mode=""; [ "$name" != "$part" ] && mode=${part#*:}
+  case $name in
     quant)
       ( rc=0
         echo "== cuda tests: quantize"
         python3 -m pytest -q -m cuda tests/test_quantize_cuda.py || rc=1
-        echo "== bench: quantize"
-        python3 bench/bench_quantize.py --out "$OUT/quantize.csv" || rc=1
+        if [ "$mode" != "test" ]; then
+          echo "== bench: quantize"
+          python3 bench/bench_quantize.py --out "$OUT/quantize.csv" || rc=1
+        fi
         exit $rc
       ) 2>&1 | tee "$OUT/quant.log" || failed=$((failed + 1)) ;;
-    gemm)   [ -f scripts/gpu_gemm.sh ] && { bash scripts/gpu_gemm.sh 2>&1 | tee "$OUT/gemm.log" || failed=$((failed + 1)); } ;;
-    layers) [ -f scripts/gpu_layers.sh ] && { bash scripts/gpu_layers.sh 2>&1 | tee "$OUT/layers.log" || failed=$((failed + 1)); } ;;
+    engine)
+      ( echo "== cuda tests: models and engines"
+        python3 -m pytest -q -m cuda tests/test_engine_transformer.py tests/test_models_transformer.py
+      ) 2>&1 | tee "$OUT/engine.log" || failed=$((failed + 1)) ;;
+    gemm)   bash scripts/gpu_gemm.sh $mode 2>&1 | tee "$OUT/gemm.log" || failed=$((failed + 1)) ;;
+    layers) bash scripts/gpu_layers.sh $mode 2>&1 | tee "$OUT/layers.log" || failed=$((failed + 1)) ;;
+    recipe) bash scripts/gpu_recipe.sh $mode 2>&1 | tee "$OUT/recipe.log" || failed=$((failed + 1)) ;;
     *) echo "unknown part $part"; failed=$((failed + 1)) ;;
   esac
   pack

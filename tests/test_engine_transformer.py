@@ -141,3 +141,26 @@ def test_corrupted_file_is_a_clear_error(trained, tmp_path):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(FormatError):
         FloatEngine(path, max_batch_size=1)
+
+
+@pytest.mark.cuda
+def test_cuda_engines_match_the_model_on_cuda(trained, test_src, tmp_path):
+    """On the GPU: the fp16-format engine (run in fp32) equals the float model, and the int8 engine (cuBLASLt /
+    Triton GEMMs, CUDA kernels) equals the QAT model's fake-quant decoding on greedy tokens."""
+    path = export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32")
+    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
+    src = test_src.cuda()
+    eng = FloatEngine(path, max_batch_size=64, device="cuda", dtype=torch.float32)
+    assert torch.equal(eng.infer(src, "greedy")[0], model.generate(src, "greedy")[0])
+    lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
+                      progress=False)
+    model.apply(lsquant.enable_quant)
+    qpath = export_transformer(model, tmp_path / "q.h5", "int8", float_dtype="float32")
+    qeng = QuantTransformer(qpath, max_batch_size=64, device="cuda", dtype=torch.float32)
+    ours, theirs = qeng.infer(src, "greedy")[0], model.generate(src, "greedy")[0]
+    same = sum(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert same >= 0.99 * len(src), same
+    # in fp16 the engine still decodes the trained task as the fp32 engine does
+    eng16 = FloatEngine(export_transformer(trained, tmp_path / "fp16.h5", "fp16"), max_batch_size=64, device="cuda")
+    same16 = sum(torch.equal(a, b) for a, b in zip(eng16.infer(src, "greedy")[0], eng.infer(src, "greedy")[0]))
+    assert same16 >= 0.95 * len(src), same16

@@ -52,6 +52,7 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup: int = 1000
     max_steps: int = 6000
+    max_train_minutes: float | None = None  # also stop training (and QAT) after this long, saving the model
     save_every: int = 500
     clip_norm: float = 1.0
     qat_steps: int = 1000
@@ -144,6 +145,9 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     """Train ``model`` for ``steps`` optimizer steps with checkpoints under run_dir/<stage>/ckpt, resuming from
     the newest one; returns the model (also saved as run_dir/<stage>/model.pt)."""
     dev = cfg.torch_device()
+    if dev.type == "cuda":  # fp32 models train with TF32 GEMMs (10-bit mantissa products, fp32 accumulation)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model.to(dev).train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98), eps=1e-8)
     sched = inverse_sqrt_schedule(opt, warmup)
@@ -158,7 +162,12 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     it = sampler.forever()
     bar = tqdm(total=steps, initial=step, desc=stage, unit="step", dynamic_ncols=True)
     t0, tokens_seen = time.perf_counter(), 0
+    deadline = t0 + 60 * cfg.max_train_minutes if cfg.max_train_minutes else None
     while step < steps:
+        if deadline is not None and time.perf_counter() > deadline:
+            log.info("%s: stopping at step %d: max_train_minutes=%s reached", stage, step, cfg.max_train_minutes)
+            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict())
+            break
         idx = next(it)
         b = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_to_multiple=8)
         s, ti, to = b["src_ids"].to(dev), b["tgt_in"].to(dev), b["tgt_out"].to(dev)
@@ -181,7 +190,7 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     bar.close()
     elapsed = time.perf_counter() - t0
     model.save(cfg.root / stage / "model.pt", extra={"train_tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
-    log.info("%s: %d steps, %.0f target tokens/s", stage, steps, tokens_seen / max(elapsed, 1e-9))
+    log.info("%s: %d steps, %.0f target tokens/s", stage, step, tokens_seen / max(elapsed, 1e-9))
     return model
 
 
