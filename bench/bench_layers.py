@@ -241,7 +241,7 @@ def bench_kernels(writer: Writer, dtypes, quick: bool, compile_: bool):
                         sp = eager_ms.get(phase, float("nan")) / ms if impl != "eager" else 1.0
                         writer.row(name=f"{name} {phase}", impl=impl, wall_ms=ms, gpu_ms=gms,
                                    gbps=nbytes / gms / 1e6 if gms > 0 else float("nan"), speedup_vs_eager=sp,
-                                   **{k: v for k, v in what.items() if k != "name"}, kind="kernel")
+                                   **{k: v for k, v in what.items() if k not in ("name", "kind", "impl")}, kind="kernel")
 
                     guarded(writer, dict(what, impl=impl, name=f"{name} {phase}"), measure)
             del made, ours, eager, leaf, impls

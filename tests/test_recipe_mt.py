@@ -80,3 +80,27 @@ def test_ptq_command_on_a_tiny_model(tmp_path):
     eng = QuantTransformer(tmp_path / "ptq.h5", max_batch_size=2)
     tokens, scores = eng.infer(torch.tensor([[5, 6, 7, 2]]), "beam")
     assert tokens.shape[:2] == (1, eng.beam_size) and torch.isfinite(scores).all()
+
+
+def test_bf16_training_keeps_fp32_master_weights_and_resumes(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "bf16", dtype="bfloat16", max_steps=6)
+    calls = {"n": 0}
+    real = pipeline.collate
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "collate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train(cfg)
+    ckpt = torch.load(next((cfg.root / "float" / "ckpt").glob("checkpoint_*.pt")), weights_only=True)
+    masters = ckpt["extra"]["master"]
+    assert masters and all(t.dtype == torch.float32 for t in masters)
+    monkeypatch.setattr(pipeline, "collate", real)
+    pipeline.train(cfg)
+    m = Transformer.load(cfg.root / "float" / "model.pt")
+    assert m.encoder[0].flat.dtype == torch.bfloat16
+    assert torch.isfinite(m.encoder[0].flat.float()).all()

@@ -62,7 +62,7 @@ class RecipeConfig:
     ptq_method: str = "percentile"
     beam_size: int = 4
     infer_batch_size: int = 128
-    dtype: str = "float32"             # model (and layer) dtype
+    dtype: str = "float32"             # model (and layer) dtype; bfloat16/float16 train with fp32 master weights
     device: str = "auto"
     seed: int = 1
     limit_train: int | None = None     # first N training pairs only (smoke runs)
@@ -140,6 +140,42 @@ def _batches(cfg: RecipeConfig, src, tgt, seed: int, max_tokens: int) -> TokenBa
     return TokenBatchSampler.for_pairs(src, tgt, max_tokens, seed=seed, pad_to_multiple=8)
 
 
+class MasterWeights:
+    """fp32 master copies of a model's bf16/fp16 parameters, for mixed-precision training: the model computes in
+    its low-precision dtype, the optimizer steps the fp32 copies (a bf16 weight cannot hold an update below 2^-8
+    of itself, so plain bf16 Adam stalls), and the copies are rounded back into the model after each step.
+    fp32 parameters (e.g. the quantizers' clips) are optimized directly."""
+
+    def __init__(self, params):
+        self.pairs = [(p, p.detach().float().clone().requires_grad_(True)) for p in params
+                      if p.requires_grad and p.dtype != torch.float32]
+        low = {id(p) for p, _ in self.pairs}
+        self.direct = [p for p in params if p.requires_grad and id(p) not in low]
+
+    def optim_params(self) -> list:
+        return [m for _, m in self.pairs] + self.direct
+
+    def grads_to_master(self) -> None:
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+
+    def master_to_model(self) -> None:
+        with torch.no_grad():
+            for p, m in self.pairs:
+                p.copy_(m)
+
+    def state_dict(self) -> list:
+        return [m.detach().clone() for _, m in self.pairs]
+
+    def load_state_dict(self, state: list) -> None:
+        if len(state) != len(self.pairs):
+            raise ValueError(f"checkpoint has {len(state)} master tensors, the model {len(self.pairs)}")
+        with torch.no_grad():
+            for (_, m), t in zip(self.pairs, state):
+                m.copy_(t)
+        self.master_to_model()
+
+
 def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, lr: float, warmup: int,
                 src, tgt) -> Transformer:
     """Train ``model`` for ``steps`` optimizer steps with checkpoints under run_dir/<stage>/ckpt, resuming from
@@ -149,7 +185,8 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model.to(dev).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    master = MasterWeights(list(model.parameters()))
+    opt = torch.optim.Adam(master.optim_params(), lr=lr, betas=(0.9, 0.98), eps=1e-8)
     sched = inverse_sqrt_schedule(opt, warmup)
     sampler = _batches(cfg, src, tgt, cfg.seed, cfg.max_batch_tokens)
     ckpts = CheckpointManager(cfg.root / stage / "ckpt", keep_last=2)
@@ -157,6 +194,7 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     ckpt = ckpts.load_latest(map_location=dev)
     if ckpt is not None:
         step = restore_checkpoint(ckpt, model, opt, sched)
+        master.load_state_dict(ckpt["extra"].get("master", []))
         sampler.load_state_dict(ckpt["data_state"])
         log.info("%s: resumed from %s (step %d)", stage, ckpt["path"], step)
     it = sampler.forever()
@@ -166,7 +204,8 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     while step < steps:
         if deadline is not None and time.perf_counter() > deadline:
             log.info("%s: stopping at step %d: max_train_minutes=%s reached", stage, step, cfg.max_train_minutes)
-            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict())
+            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict(),
+                       extra={"master": master.state_dict()})
             break
         idx = next(it)
         b = collate([src[i] for i in idx], [tgt[i] for i in idx], pad_to_multiple=8)
@@ -174,10 +213,13 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
         ntok = int(b["ntokens"])
         loss, nll = model.loss(s, ti, to)
         opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         (loss / ntok).backward()
+        master.grads_to_master()
         if cfg.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            torch.nn.utils.clip_grad_norm_(master.optim_params(), cfg.clip_norm)
         opt.step()
+        master.master_to_model()
         sched.step()
         step += 1
         tokens_seen += ntok
@@ -186,7 +228,8 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
             bar.set_postfix(loss=f"{loss.item() / ntok:.3f}", nll=f"{nll.item() / ntok:.3f}", tok_s=f"{rate:,.0f}")
         bar.update(1)
         if step % cfg.save_every == 0 or step == steps:
-            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict())
+            ckpts.save(step, model, opt, sched, config=model.config, data_state=sampler.state_dict(),
+                       extra={"master": master.state_dict()})
     bar.close()
     elapsed = time.perf_counter() - t0
     model.save(cfg.root / stage / "model.pt", extra={"train_tokens_per_s": tokens_seen / max(elapsed, 1e-9)})
@@ -309,7 +352,10 @@ def run_all(cfg: RecipeConfig) -> dict:
                "qat_int8": export(cfg, q, ex / "qat_int8.h5", "int8"),
                f"ptq_{cfg.ptq_method}_int8": export(cfg, p, ex / f"ptq_{cfg.ptq_method}_int8.h5", "int8")}
     results = evaluate(cfg, exports)
-    fp32_mb = (cfg.root / "float" / "model.pt").stat().st_size / 2**20
+    # the fp32 checkpoint's size: the float model's state dict in fp32 (a bf16 run's own file is half of that)
+    blob = torch.load(cfg.root / "float" / "model.pt", map_location="cpu", weights_only=False)
+    fp32_mb = sum(t.numel() * 4 for t in blob["model"].values()
+                  if isinstance(t, torch.Tensor) and t.is_floating_point()) / 2**20
     for name, row in results.items():
         row["size vs fp32 checkpoint"] = round(row["file_MB"] / fp32_mb, 3)
     for stage in ("float", "qat"):
