@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: install, build, run the `cuda` tests and the benchmarks, and write
 # logs and CSVs under $OUT. Usage: bash scripts/gpu_check.sh [part[:mode] ...]
-#   parts: quant[:test] engine gemm[:quick|test|bench] layers[:quick|test|bench] recipe[:MODE]; default
+#   parts: quant[:test] engine gemm[:quick|test|bench] layers[:quick|test|bench] recipe[:MINUTES]
+#   enginebench[:quick]; default
 #   "quant engine gemm layers". Run `test` modes first, then `bench` modes in the next call with .torch_ext
 #   carried (or on the same warm machine) so the build is reused.
 # Each part is independent: a failure is logged and the next part still runs; the exit code is the number
@@ -50,6 +51,10 @@ for part in $parts; do
     gemm)   bash scripts/gpu_gemm.sh $mode 2>&1 | tee "$OUT/gemm.log" || failed=$((failed + 1)) ;;
     layers) bash scripts/gpu_layers.sh $mode 2>&1 | tee "$OUT/layers.log" || failed=$((failed + 1)) ;;
     recipe) bash scripts/gpu_recipe.sh $mode 2>&1 | tee "$OUT/recipe.log" || failed=$((failed + 1)) ;;
+    enginebench)
+      ( echo "== bench: engines (${mode:-full})"
+        timeout 470 python3 bench/bench_engine.py ${mode:+--$mode} --out "$OUT/engine.csv"
+      ) 2>&1 | tee "$OUT/enginebench.log" || failed=$((failed + 1)) ;;
     *) echo "unknown part $part"; failed=$((failed + 1)) ;;
   esac
   pack

@@ -27,11 +27,15 @@ def _pad_results(seqs: list[list[list[int]]], pad: int, device) -> torch.Tensor:
     return out.to(device)
 
 
-def _log_probs(logits: torch.Tensor, t: int, max_len: int, eos: int, banned: tuple[int, ...] = ()) -> torch.Tensor:
-    """log-softmax in fp32; tokens in `banned` (pad and bos: never generated) get -inf."""
+def _log_probs(logits: torch.Tensor, t: int, max_len: int, eos: int, banned: tuple[int, ...] = (),
+               min_len: int = 0) -> torch.Tensor:
+    """log-softmax in fp32; tokens in `banned` (pad and bos: never generated) get -inf, and so does </s> before
+    position min_len - 1 (outputs of at least min_len tokens, </s> included)."""
     lp = F.log_softmax(logits.float(), dim=-1)
     if banned:
         lp[:, list(banned)] = float("-inf")
+    if t < min_len - 1:
+        lp[:, eos] = float("-inf")
     if t == max_len - 1:  # the last position: only </s> may follow, so every row ends
         forced = torch.full_like(lp, float("-inf"))
         forced[:, eos] = 0.0
@@ -40,7 +44,8 @@ def _log_probs(logits: torch.Tensor, t: int, max_len: int, eos: int, banned: tup
 
 
 @torch.no_grad()
-def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device,
+           min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax at every step (ties: the lowest token id, as torch.argmax). -> tokens [B, 1, T], scores [B, 1]
     (the unnormalised sum of log-probabilities)."""
     last = torch.full((batch,), bos, dtype=torch.long, device=device)
@@ -48,7 +53,7 @@ def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     out = []
     for t in range(max_len):
-        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos))
+        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)
         tok = lp.argmax(dim=-1)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         scores = scores + torch.where(done, torch.zeros_like(scores), lp.gather(1, tok.clamp(min=0)[:, None])[:, 0])
@@ -62,7 +67,7 @@ def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
 
 @torch.no_grad()
 def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device, top_k: int = 0,
-           top_p: float = 1.0, temperature: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+           top_p: float = 1.0, temperature: float = 1.0, seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling with optional top-k and nucleus (top-p) filtering, reproducible for a seed (a CPU generator
     draws the uniforms, so CPU and GPU runs draw the same numbers). -> tokens [B, 1, T], scores [B, 1]."""
     if top_k < 0 or not 0.0 < top_p <= 1.0 or not temperature > 0:
@@ -74,7 +79,7 @@ def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
     out = []
     for t in range(max_len):
         logits = decoder.step(last, t).float() / temperature
-        lp = _log_probs(logits, t, max_len, eos, (pad, bos))
+        lp = _log_probs(logits, t, max_len, eos, (pad, bos), min_len)
         filt = lp.clone()
         if top_k:
             kth = filt.topk(min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
@@ -100,7 +105,7 @@ def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
 
 @torch.no_grad()
 def beam_search(decoder, batch: int, beams: int, bos: int, eos: int, pad: int, max_len: int, device,
-                length_penalty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                length_penalty: float = 1.0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search. At each step the 2 * beams best (beam, token) extensions of each sentence are ranked;
     those among the first `beams` that end in </s> are finished (score / length ** length_penalty), and the
     `beams` best that do not end continue. A sentence is done once it has `beams` finished hypotheses (the
@@ -113,7 +118,7 @@ def beam_search(decoder, batch: int, beams: int, bos: int, eos: int, pad: int, m
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     base = (torch.arange(batch, device=device) * K)[:, None]
     for t in range(max_len):
-        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos))  # [N, V]
+        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)  # [N, V]
         V = lp.shape[-1]
         cand = (scores.reshape(N, 1) + lp).reshape(batch, K * V)
         top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)                  # [B, 2K], best first

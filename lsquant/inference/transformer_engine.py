@@ -263,7 +263,7 @@ class _Engine:
     @torch.inference_mode()
     def infer(self, src_ids, method: str = "beam", beam_size: int | None = None, length_penalty: float | None = None,
               max_len: int | None = None, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """src_ids (batch, src_len) int ids padded with the file's pad id -> (tokens (batch, beams, tgt_len) int64,
         without <s>, padded after </s>; scores (batch, beams) fp32, best first). method: "beam" (beam_size,
         length_penalty), "greedy", or "sample" (top_k, top_p, temperature, seed)."""
@@ -276,7 +276,7 @@ class _Engine:
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} is over the model's max_seq_len={self.cfg.max_seq_len}")
         enc, mask = self.encode(src)
-        common = dict(bos=self.bos, eos=self.eos, pad=self.pad, max_len=max_len, device=self.device)
+        common = dict(bos=self.bos, eos=self.eos, pad=self.pad, max_len=max_len, device=self.device, min_len=min_len)
         if method == "greedy":
             return decoding.greedy(self._Decoder(self, enc, mask), B, **common)
         if method == "sample":

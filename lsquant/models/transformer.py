@@ -166,7 +166,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, src: torch.Tensor, method: str = "beam", beam_size: int | None = None,
                  length_penalty: float | None = None, max_len: int | None = None, top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float = 1.0, seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) int64 -> (tokens (B, beams, T) int64 without <s>, padded after </s>; scores (B, beams)).
         method: "beam", "greedy" or "sample" (top_k / top_p / temperature / seed)."""
         c = self.config
@@ -176,7 +176,7 @@ class Transformer(nn.Module):
             B = src.shape[0]
             max_len = max_len or c.max_output_len(src.shape[1])
             enc, mask = self.encode(src)
-            common = dict(bos=c.bos_id, eos=c.eos_id, pad=c.pad_id, max_len=max_len, device=src.device)
+            common = dict(bos=c.bos_id, eos=c.eos_id, pad=c.pad_id, max_len=max_len, device=src.device, min_len=min_len)
             if method == "greedy":
                 return decoding.greedy(self._Decoder(self, enc, mask), B, **common)
             if method == "sample":

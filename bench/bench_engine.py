@@ -1,0 +1,155 @@
+"""Translation engines: tokens/s, GPU memory and file size of the int8 engine against the fp16 engine, the
+PyTorch model's own decoding and Hugging Face ``generate`` on an equivalent Marian model.
+
+    python bench/bench_engine.py [--models base big] [--out bench/results/engine_<gpu>.csv] [--quick]
+
+Random weights (calibrated on random batches for the int8 export), a fixed output length (min_len = max_len
+= 32 new tokens, so every implementation decodes the same number of steps), beam 4 and sampling (top-k 4),
+batch {1, 8, 32, 128}, source length {16, 32, 64}. Time: median of 3 timed runs after one warm-up, each
+timed by CUDA events. Memory: peak allocated bytes while the implementation serves the request (its weights,
+caches and activations; each implementation is measured alone).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_info, gpu_slug, warm_gpu, write_rows  # noqa: E402
+
+import lsquant  # noqa: E402
+from lsquant.export import export_transformer  # noqa: E402
+from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine  # noqa: E402
+from lsquant.models import Transformer, TransformerConfig  # noqa: E402
+
+MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
+          "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
+VOCAB, NEW = 32000, 32
+
+
+def timed(fn, reps=3):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def peak_mb(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def marian(sizes):
+    from transformers import MarianConfig, MarianMTModel
+
+    cfg = MarianConfig(vocab_size=VOCAB, d_model=sizes["hidden_size"], encoder_layers=6, decoder_layers=6,
+                       encoder_attention_heads=sizes["nhead"], decoder_attention_heads=sizes["nhead"],
+                       encoder_ffn_dim=sizes["intermediate_size"], decoder_ffn_dim=sizes["intermediate_size"],
+                       max_position_embeddings=256, pad_token_id=0, eos_token_id=2, decoder_start_token_id=1,
+                       bos_token_id=1, forced_eos_token_id=None)
+    return MarianMTModel(cfg).half().cuda().eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["base", "big"], choices=list(MODELS))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true", help="batch {1, 32}, source length 32 only")
+    args = ap.parse_args()
+    out = args.out or f"bench/results/engine_{gpu_slug()}.csv"
+    info = env_info()
+    warm_gpu()
+    batches = [1, 32] if args.quick else [1, 8, 32, 128]
+    lens = [32] if args.quick else [16, 32, 64]
+    tmp = Path(tempfile.mkdtemp())
+    for mname in args.models:
+        sizes = MODELS[mname]
+        torch.manual_seed(0)
+        cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0,
+                                max_seq_len=128, max_batch_tokens=128 * 4 * 128, beam_size=4, **sizes)
+        model = Transformer(cfg).eval()
+        fp32_path = model.save(tmp / f"{mname}.pt")
+        model = model.cuda()
+        calib = [(torch.randint(4, VOCAB, (16, 32), device="cuda"), torch.randint(4, VOCAB, (16, 32), device="cuda"))]
+        lsquant.calibrate(model, calib, method="max", progress=False)
+        fp16_file = export_transformer(model, tmp / f"{mname}_fp16.h5", "fp16")
+        int8_file = export_transformer(model, tmp / f"{mname}_int8.h5", "int8")
+        model.apply(lsquant.disable_quant)
+        sizes_mb = {"fp32_checkpoint": os.path.getsize(fp32_path) / 2**20, "fp16_file": os.path.getsize(fp16_file) / 2**20,
+                    "int8_file": os.path.getsize(int8_file) / 2**20}
+        print(f"{mname}: files {sizes_mb}", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+        def build(impl):
+            if impl == "lsquant_int8":
+                return QuantTransformer(int8_file, max_batch_size=max(batches), beam_size=4)
+            if impl == "lsquant_fp16":
+                return FloatEngine(fp16_file, max_batch_size=max(batches), beam_size=4)
+            if impl == "pytorch_fp16":
+                m = Transformer(dataclasses.replace(cfg, dtype="float16"))
+                m.load_state_dict(torch.load(fp32_path, map_location="cpu", weights_only=False)["model"])
+                return m.cuda().eval()
+            return marian(sizes)
+
+        for impl in ("lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16"):
+            try:
+                obj = build(impl)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                print(f"{mname} {impl}: cannot build: {type(e).__name__}: {e}", flush=True)
+                continue
+            rows = []
+            for method in ("beam", "sample"):
+                for B in batches:
+                    for S in lens:
+                        src = torch.randint(4, VOCAB, (B, S), device="cuda")
+                        if impl.startswith("lsquant"):
+                            run = lambda: obj.infer(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
+                        elif impl == "pytorch_fp16":
+                            run = lambda: obj.generate(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
+                        else:
+                            kw = dict(num_beams=4) if method == "beam" else dict(do_sample=True, top_k=4)
+                            run = lambda: obj.generate(src, attention_mask=torch.ones_like(src),  # noqa: E731
+                                                       max_new_tokens=NEW, min_new_tokens=NEW, **kw)
+                        try:
+                            with torch.inference_mode():
+                                ms = timed(run)
+                                mem = peak_mb(run)
+                            note = ""
+                        except Exception as e:  # noqa: BLE001
+                            ms, mem, note = float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
+                        r = {**info, "model": f"transformer-{mname}", "impl": impl, "method": method, "batch": B,
+                             "src_len": S, "new_tokens": NEW, "ms": round(ms, 2),
+                             "tokens_per_s": round(B * NEW / ms * 1e3, 1) if ms == ms else float("nan"),
+                             "peak_mem_mb": round(mem, 1), "file_mb": round(sizes_mb.get(
+                                 {"lsquant_int8": "int8_file", "lsquant_fp16": "fp16_file"}.get(impl, "fp32_checkpoint")), 2),
+                             "note": note}
+                        rows.append(r)
+                        print(f"{mname:4s} {impl:15s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
+                              f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {note}", flush=True)
+            write_rows(out, rows)
+            del obj
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
