@@ -46,6 +46,18 @@ inline int grid_for(int64_t work_items, int threads) {
   return static_cast<int>(blocks);
 }
 
+// Calls f(T{}) for the dtype code of dtype.cuh; returns the launch error, if any.
+template <typename F>
+inline cudaError_t dispatch_float(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 // Sum of a float over a block (blockDim.x a multiple of 32, at most 1024). Fixed order: deterministic.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float warp_sums[32];

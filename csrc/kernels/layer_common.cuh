@@ -1,4 +1,4 @@
-// Device helpers shared by the Transformer layer kernels (issue 3): dtype dispatch, block reductions that
+// Device helpers shared by the Transformer layer kernels: block reductions that
 // broadcast their result, the counter-based dropout hash (mirrored bit for bit by lsquant/ops/dropout.py) and
 // row loops with 16-byte vector loads. CUDA headers only.
 #pragma once
@@ -7,18 +7,6 @@
 #include "common.cuh"
 
 namespace lsq {
-
-// Calls f(T{}) for the dtype code of dtype.cuh; returns the launch error, if any.
-template <typename F>
-inline cudaError_t dispatch_float(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(__half{}); break;
-    case kBFloat16: f(__nv_bfloat16{}); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
 
 // Sum over the block, returned to every thread (blockDim.x a multiple of 32). Safe to call back to back:
 // block_sum starts with a barrier, so nobody overwrites `result` before every thread has read it.

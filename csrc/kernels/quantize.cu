@@ -142,23 +142,12 @@ __global__ void fq_bwd_channel_kernel(const T* __restrict__ gy, const T* __restr
 
 constexpr int kMaxChannelSplits = 64;
 
-template <typename F>
-cudaError_t dispatch(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32: f(float{}); break;
-    case kFloat16: f(__half{}); break;
-    case kBFloat16: f(__nv_bfloat16{}); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t quantize(const void* x, int dtype, int8_t* q, const float* clip, int64_t n, int64_t C,
                      int64_t inner, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Vec16<T>::N;
     const bool vec_ok = aligned(x, 16) && aligned(q, V);
@@ -170,7 +159,7 @@ cudaError_t quantize(const void* x, int dtype, int8_t* q, const float* clip, int
 cudaError_t dequantize(const int8_t* q, void* y, int dtype, const float* clip, int64_t n, int64_t C,
                        int64_t inner, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Vec16<T>::N;
     const bool vec_ok = aligned(y, 16) && aligned(q, V);
@@ -182,7 +171,7 @@ cudaError_t dequantize(const int8_t* q, void* y, int dtype, const float* clip, i
 cudaError_t fake_quantize_fwd(const void* x, void* y, int dtype, const float* clip, int64_t n, int64_t C,
                               int64_t inner, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = Vec16<T>::N;
     const bool vec_ok = aligned(x, 16) && aligned(y, 16);
@@ -203,7 +192,7 @@ cudaError_t fake_quantize_bwd(const void* gy, const void* x, void* gx, int dtype
                               float* partials, int64_t n, int64_t C, int64_t inner, cudaStream_t stream) {
   const int nparts = fake_quantize_bwd_num_partials(n, C);
   if (n == 0) return cudaMemsetAsync(partials, 0, sizeof(float) * nparts * C, stream);
-  return dispatch(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (C == 1) {
       const bool vec_ok = aligned(gy, 16) && aligned(x, 16) && aligned(gx, 16);

@@ -43,19 +43,17 @@ def _log_probs(logits: torch.Tensor, t: int, max_len: int, eos: int, banned: tup
     return lp
 
 
-@torch.no_grad()
-def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device,
-           min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax at every step (ties: the lowest token id, as torch.argmax). -> tokens [B, 1, T], scores [B, 1]
-    (the unnormalised sum of log-probabilities)."""
+def _one_path(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device, min_len: int,
+              choose, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One hypothesis per sentence; choose(log_probs [B, V]) -> next tokens [B]. The score is the sum of the
+    chosen tokens' log-probabilities (after temperature), unnormalised."""
     last = torch.full((batch,), bos, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     out = []
     for t in range(max_len):
-        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)
-        tok = lp.argmax(dim=-1)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        lp = _log_probs(decoder.step(last, t).float() / temperature, t, max_len, eos, (pad, bos), min_len)
+        tok = torch.where(done, torch.full((batch,), pad, dtype=torch.long, device=device), choose(lp))
         scores = scores + torch.where(done, torch.zeros_like(scores), lp.gather(1, tok.clamp(min=0)[:, None])[:, 0])
         out.append(tok)
         done = done | (tok == eos)
@@ -63,6 +61,14 @@ def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
         if bool(done.all()):
             break
     return torch.stack(out, dim=1)[:, None, :], scores[:, None]
+
+
+@torch.no_grad()
+def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device,
+           min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax at every step (ties: the lowest token id, as torch.argmax). -> tokens [B, 1, T], scores [B, 1]
+    (the unnormalised sum of log-probabilities)."""
+    return _one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, lambda lp: lp.argmax(dim=-1))
 
 
 @torch.no_grad()
@@ -73,34 +79,22 @@ def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
     if top_k < 0 or not 0.0 < top_p <= 1.0 or not temperature > 0:
         raise ValueError(f"need top_k >= 0, 0 < top_p <= 1, temperature > 0; got {top_k}, {top_p}, {temperature}")
     gen = torch.Generator().manual_seed(seed)
-    last = torch.full((batch,), bos, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    scores = torch.zeros(batch, dtype=torch.float32, device=device)
-    out = []
-    for t in range(max_len):
-        logits = decoder.step(last, t).float() / temperature
-        lp = _log_probs(logits, t, max_len, eos, (pad, bos), min_len)
+
+    def choose(lp: torch.Tensor) -> torch.Tensor:
         filt = lp.clone()
         if top_k:
             kth = filt.topk(min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
             filt[filt < kth] = float("-inf")
         if top_p < 1.0:
             sorted_lp, order = filt.sort(dim=-1, descending=True)
-            cum = sorted_lp.softmax(dim=-1).cumsum(dim=-1)
-            remove = cum - sorted_lp.softmax(dim=-1) >= top_p   # keep the smallest prefix reaching top_p
-            sorted_lp[remove] = float("-inf")
+            p = sorted_lp.softmax(dim=-1)
+            sorted_lp[p.cumsum(dim=-1) - p >= top_p] = float("-inf")   # keep the smallest prefix reaching top_p
             filt = torch.full_like(filt, float("-inf")).scatter(1, order, sorted_lp)
         probs = filt.softmax(dim=-1).cpu()
         u = torch.rand(batch, 1, generator=gen, dtype=torch.float64)
-        tok = (probs.double().cumsum(dim=-1) < u).sum(dim=-1).clamp(max=probs.shape[-1] - 1).to(device)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        scores = scores + torch.where(done, torch.zeros_like(scores), lp.gather(1, tok.clamp(min=0)[:, None])[:, 0])
-        out.append(tok)
-        done = done | (tok == eos)
-        last = torch.where(tok == pad, torch.full_like(tok, eos), tok)
-        if bool(done.all()):
-            break
-    return torch.stack(out, dim=1)[:, None, :], scores[:, None]
+        return (probs.double().cumsum(dim=-1) < u).sum(dim=-1).clamp(max=probs.shape[-1] - 1).to(lp.device)
+
+    return _one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, choose, temperature)
 
 
 @torch.no_grad()
@@ -154,3 +148,23 @@ def beam_search(decoder, batch: int, beams: int, bos: int, eos: int, pad: int, m
         results.append([h[1] for h in hyps])
         result_scores.append([h[0] for h in hyps])
     return _pad_results(results, pad, device), torch.tensor(result_scores, dtype=torch.float32, device=device)
+
+
+def generate(make_decoder, encoder_out: torch.Tensor, src_mask: torch.Tensor, *, method: str, beam_size: int,
+             length_penalty: float, bos: int, eos: int, pad: int, max_len: int, min_len: int = 0, top_k: int = 0,
+             top_p: float = 1.0, temperature: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch on method ("beam", "greedy", "sample") for a model or an engine: make_decoder(encoder_out,
+    src_mask) builds its step/reorder object; for beam search each sentence's rows are repeated beam_size
+    times first. encoder_out: (B, S, H); src_mask: (B, S) bool, True = padding."""
+    B, device = encoder_out.shape[0], encoder_out.device
+    common = dict(bos=bos, eos=eos, pad=pad, max_len=max_len, device=device, min_len=min_len)
+    if method == "greedy":
+        return greedy(make_decoder(encoder_out, src_mask), B, **common)
+    if method == "sample":
+        return sample(make_decoder(encoder_out, src_mask), B, top_k=top_k, top_p=top_p, temperature=temperature,
+                      seed=seed, **common)
+    if method != "beam":
+        raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")
+    rows = torch.arange(B, device=device).repeat_interleave(beam_size)
+    dec = make_decoder(encoder_out.index_select(0, rows), src_mask.index_select(0, rows))
+    return beam_search(dec, B, beam_size, length_penalty=length_penalty, **common)

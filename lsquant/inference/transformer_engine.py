@@ -276,18 +276,11 @@ class _Engine:
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"max_len {max_len} is over the model's max_seq_len={self.cfg.max_seq_len}")
         enc, mask = self.encode(src)
-        common = dict(bos=self.bos, eos=self.eos, pad=self.pad, max_len=max_len, device=self.device, min_len=min_len)
-        if method == "greedy":
-            return decoding.greedy(self._Decoder(self, enc, mask), B, **common)
-        if method == "sample":
-            return decoding.sample(self._Decoder(self, enc, mask), B, top_k=top_k, top_p=top_p,
-                                   temperature=temperature, seed=seed, **common)
-        if method != "beam":
-            raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")
-        rows = torch.arange(B, device=self.device).repeat_interleave(K)
-        dec = self._Decoder(self, enc.index_select(0, rows), mask.index_select(0, rows))
-        return decoding.beam_search(dec, B, K, length_penalty=self.length_penalty if length_penalty is None
-                                    else length_penalty, **common)
+        return decoding.generate(
+            lambda e, m: self._Decoder(self, e, m), enc, mask, method=method, beam_size=K,
+            length_penalty=self.length_penalty if length_penalty is None else length_penalty, bos=self.bos,
+            eos=self.eos, pad=self.pad, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
+            temperature=temperature, seed=seed)
 
 
 class QuantTransformer(_Engine):

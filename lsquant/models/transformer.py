@@ -173,22 +173,13 @@ class Transformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            B = src.shape[0]
             max_len = max_len or c.max_output_len(src.shape[1])
             enc, mask = self.encode(src)
-            common = dict(bos=c.bos_id, eos=c.eos_id, pad=c.pad_id, max_len=max_len, device=src.device, min_len=min_len)
-            if method == "greedy":
-                return decoding.greedy(self._Decoder(self, enc, mask), B, **common)
-            if method == "sample":
-                return decoding.sample(self._Decoder(self, enc, mask), B, top_k=top_k, top_p=top_p,
-                                       temperature=temperature, seed=seed, **common)
-            if method != "beam":
-                raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")
-            K = beam_size or c.beam_size
-            rows = torch.arange(B, device=src.device).repeat_interleave(K)
-            dec = self._Decoder(self, enc.index_select(0, rows), mask.index_select(0, rows))
-            return decoding.beam_search(dec, B, K, length_penalty=c.length_penalty if length_penalty is None
-                                        else length_penalty, **common)
+            return decoding.generate(
+                lambda e, m: self._Decoder(self, e, m), enc, mask, method=method, beam_size=beam_size or c.beam_size,
+                length_penalty=c.length_penalty if length_penalty is None else length_penalty, bos=c.bos_id,
+                eos=c.eos_id, pad=c.pad_id, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
+                temperature=temperature, seed=seed)
         finally:
             self.train(was_training)
 
