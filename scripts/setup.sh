@@ -13,8 +13,18 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install "torch>=2.4,<2.15"
   else
     echo "setup: no NVIDIA GPU here: installing the CPU build of PyTorch 2.13.0"
-    $PIP install --no-index torch==2.13.0 2>/dev/null \
-      || $PIP install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    # a CPU wheel in one of pip's find-links folders (machines with a local package mirror), else PyTorch's
+    # CPU index (its dependencies from PyPI)
+    wheel=""
+    for d in ${PIP_FIND_LINKS:-} $($PIP config list 2>/dev/null | sed -n "s/^.*find-links='\(.*\)'$/\1/p"); do
+      wheel=$(ls "$d"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -n 1)
+      [ -n "$wheel" ] && break
+    done
+    if [ -n "$wheel" ]; then
+      $PIP install "$wheel"
+    else
+      $PIP install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    fi
   fi
 fi
 $PIP install -q -e ".[test]"
