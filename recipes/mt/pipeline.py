@@ -339,27 +339,30 @@ def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...
 
 def run_all(cfg: RecipeConfig) -> dict:
     """train -> QAT -> PTQ -> export (fp16, QAT int8, PTQ int8) -> inference + BLEU on the test splits -> report."""
-    from ..report import setup_logging, write_report
+    from ..report import close_logging, setup_logging, write_report
 
     cfg.root.mkdir(parents=True, exist_ok=True)
     cfg.save()
     setup_logging(cfg.root)   # run_dir/log.txt and the console (replaces earlier handlers of this process)
-    fp = train(cfg)
-    q = qat(cfg)
-    p = ptq(cfg)
-    ex = cfg.root / "export"
-    exports = {"fp16": export(cfg, fp, ex / "fp16.h5", "fp16"),
-               "qat_int8": export(cfg, q, ex / "qat_int8.h5", "int8"),
-               f"ptq_{cfg.ptq_method}_int8": export(cfg, p, ex / f"ptq_{cfg.ptq_method}_int8.h5", "int8")}
-    results = evaluate(cfg, exports)
-    # the fp32 checkpoint's size: the float model's state dict in fp32 (a bf16 run's own file is half of that)
-    blob = torch.load(cfg.root / "float" / "model.pt", map_location="cpu", weights_only=False)
-    fp32_mb = sum(t.numel() * 4 for t in blob["model"].values()
-                  if isinstance(t, torch.Tensor) and t.is_floating_point()) / 2**20
-    for name, row in results.items():
-        row["size vs fp32 checkpoint"] = round(row["file_MB"] / fp32_mb, 3)
-    for stage in ("float", "qat"):
-        blob = torch.load(cfg.root / stage / "model.pt", map_location="cpu", weights_only=False)
-        results.setdefault("training", {})[f"{stage} target tokens/s"] = round(blob["extra"].get("train_tokens_per_s", 0))
-    write_report(cfg.root, results, title="lsquant translation recipe")
+    try:
+        fp = train(cfg)
+        q = qat(cfg)
+        p = ptq(cfg)
+        ex = cfg.root / "export"
+        exports = {"fp16": export(cfg, fp, ex / "fp16.h5", "fp16"),
+                   "qat_int8": export(cfg, q, ex / "qat_int8.h5", "int8"),
+                   f"ptq_{cfg.ptq_method}_int8": export(cfg, p, ex / f"ptq_{cfg.ptq_method}_int8.h5", "int8")}
+        results = evaluate(cfg, exports)
+        # the fp32 checkpoint's size: the float model's state dict in fp32 (a bf16 run's own file is half of that)
+        blob = torch.load(cfg.root / "float" / "model.pt", map_location="cpu", weights_only=False)
+        fp32_mb = sum(t.numel() * 4 for t in blob["model"].values()
+                      if isinstance(t, torch.Tensor) and t.is_floating_point()) / 2**20
+        for name, row in results.items():
+            row["size vs fp32 checkpoint"] = round(row["file_MB"] / fp32_mb, 3)
+        for stage in ("float", "qat"):
+            blob = torch.load(cfg.root / stage / "model.pt", map_location="cpu", weights_only=False)
+            results.setdefault("training", {})[f"{stage} target tokens/s"] = round(blob["extra"].get("train_tokens_per_s", 0))
+        write_report(cfg.root, results, title="lsquant translation recipe")
+    finally:
+        close_logging()
     return results
