@@ -104,3 +104,8 @@ def test_bf16_training_keeps_fp32_master_weights_and_resumes(tmp_path, monkeypat
     m = Transformer.load(cfg.root / "float" / "model.pt")
     assert m.encoder[0].flat.dtype == torch.bfloat16
     assert torch.isfinite(m.encoder[0].flat.float()).all()
+
+
+def test_float16_training_is_refused_with_a_reason(tmp_path):
+    with pytest.raises(ValueError, match="bfloat16"):
+        pipeline.train(_cfg(tmp_path, "fp16", dtype="float16"))

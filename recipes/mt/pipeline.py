@@ -181,6 +181,9 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     """Train ``model`` for ``steps`` optimizer steps with checkpoints under run_dir/<stage>/ckpt, resuming from
     the newest one; returns the model (also saved as run_dir/<stage>/model.pt)."""
     dev = cfg.torch_device()
+    if model.config.dtype == "float16":
+        raise ValueError("float16 training needs loss scaling, which the recipe does not do: use dtype=bfloat16 "
+                         "(fp32 master weights, no scaling needed) or float32; export and serve in fp16 as usual")
     if dev.type == "cuda":  # fp32 models train with TF32 GEMMs (10-bit mantissa products, fp32 accumulation)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
