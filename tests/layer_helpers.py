@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import lsquant
+from lsquant.optim import MasterWeights
 from lsquant.layers import CrossEntropyLayer, TransformerEmbeddingLayer, TransformerEncoderLayer
 
 
@@ -49,7 +50,8 @@ def train(model, steps, device="cpu", lr=1e-2, seed=0, quant_from=None):
     """Adam on the reverse task; returns the per-step losses. quant_from: step at which to calibrate on one
     batch and enable quantization (QAT)."""
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    master = MasterWeights(list(model.parameters()))  # fp32 copies of bf16/fp16 weights, as in real training
+    opt = torch.optim.Adam(master.optim_params(), lr=lr)
     losses = []
     for step in range(steps):
         tokens, targets = reverse_batch(gen)
@@ -57,10 +59,14 @@ def train(model, steps, device="cpu", lr=1e-2, seed=0, quant_from=None):
         if quant_from is not None and step == quant_from:
             lsquant.calibrate(model, [(tokens,)], progress=False)
             model.apply(lsquant.enable_quant)
-            opt = torch.optim.Adam(model.parameters(), lr=lr / 3)
+            master = MasterWeights(list(model.parameters()))
+            opt = torch.optim.Adam(master.optim_params(), lr=lr / 3)
         loss, _ = model(tokens, targets)
         opt.zero_grad()
+        model.zero_grad()
         loss.backward()
+        master.grads_to_master()
         opt.step()
+        master.master_to_model()
         losses.append(loss.item())
     return losses

@@ -187,6 +187,6 @@ def test_convergence_cuda_matches_cpu():
     torch.manual_seed(0)
     bf = TinyTagger(dtype="bfloat16").cuda()
     losses = train(bf, 300, device="cuda", quant_from=220)
-    # bf16 weights under Adam lose updates below their resolution (2^-8 relative): it learns, less far than
-    # fp32 (0.57 there); chance is ~2.7
-    assert sum(losses[200:220]) / 20 < 1.2 and sum(losses[-20:]) / 20 < 1.3, losses[-20:]
+    # bf16 layers trained through fp32 master weights (lsquant.optim.MasterWeights) learn as far as fp32 (0.57
+    # there; 0.58 before and 0.57 after QAT on the CPU reference path); chance is ~2.7
+    assert sum(losses[200:220]) / 20 < 0.8 and sum(losses[-20:]) / 20 < 0.9, losses[-20:]
