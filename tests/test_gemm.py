@@ -497,6 +497,9 @@ class _FakeExt:
         self.calls.append(("gemm", a.shape[0], list(algo)))
         out[:, :b.shape[0]] = G.int8_gemm_ref(a, b)
 
+    def gemm_int8_algos(self, M, N, K, ldc, workspace_bytes, max_algos, enumerate_):
+        return [[1] * 11]  # one algorithm, id 1
+
     def gemm_int8_epilogue(self, acc, N, alpha, bias, act, dtype, out_clip, out=None):
         assert acc.is_contiguous() and acc.shape[1] >= N and alpha.numel() == N
         y = G.epilogue_ref(acc[:, :N], alpha, bias, ["none", "relu", "gelu"][act], dtype, out_clip)
@@ -533,3 +536,19 @@ def test_cublaslt_path_plumbing_cpu(monkeypatch, out_dtype, M, N, K):
         assert n_gemm == (-(-M // 128) if chunked else 1)
         if choice.get("algo"):
             assert all(c[2] == [1] * 9 for c in fake.calls if c[0] == "gemm")
+
+
+def test_cublaslt_refuses_an_algorithm_id_it_does_not_offer(monkeypatch):
+    """A stale cache entry's algorithm id is refused in Python (cuBLASLt segfaulted on one) and Int8Linear
+    falls back to the default kernel with a warning."""
+    import importlib
+
+    build = importlib.import_module("lsquant.ops.build")
+    fake = _FakeExt()
+    monkeypatch.setattr(build, "load", lambda *a, **k: fake)
+    monkeypatch.setattr(G, "_workspace", lambda device: torch.empty(16, dtype=torch.uint8))
+    monkeypatch.setattr(G, "_ALGO_IDS", {})
+    w, x = rand_i8(64, 128), rand_i8(5, 128)
+    with pytest.raises(ValueError, match="id 99999 is not offered"):
+        G.cublaslt_i32(x, G.Int8Linear(w, out_dtype=torch.int32).w_padded(), [99999] + [0] * 8)
+    assert not any(c[0] == "gemm" for c in fake.calls)

@@ -342,11 +342,33 @@ def run_choice(layer: Int8Linear, x2: torch.Tensor, choice: dict) -> torch.Tenso
     raise ValueError(f"unknown int8 GEMM backend {backend!r}")
 
 
+_ALGO_IDS: dict = {}  # (N_pad, K_pad) -> cuBLASLt algorithm ids offered for that shape
+
+
+def _check_algo_id(ext, algo, M: int, N: int, K: int) -> None:
+    """Refuse an algorithm id that cuBLASLt does not offer for this shape (heuristic or enumerated lists):
+    passed from a stale or foreign cache file, such an id crashed cuBLASLt (a segfault) instead of failing."""
+    key = (N, K)
+    if key not in _ALGO_IDS:
+        ids: set[int] = set()
+        for enumerate_, most in ((False, 32), (True, 2048)):
+            try:
+                ids.update(int(a[0]) for a in ext.gemm_int8_algos(M, N, K, N, WORKSPACE_BYTES, most, enumerate_))
+            except Exception:  # noqa: BLE001 - no list: nothing can be checked against it
+                pass
+        _ALGO_IDS[key] = ids
+    if int(algo[0]) not in _ALGO_IDS[key]:
+        raise ValueError(f"cuBLASLt algorithm id {algo[0]} is not offered for N={N}, K={K} (offered: "
+                         f"{sorted(_ALGO_IDS[key])}); the tuning cache entry is stale")
+
+
 def cublaslt_i32(x2: torch.Tensor, w_pad: torch.Tensor, algo=None) -> torch.Tensor:
     """int32 (M, N_pad) = x2 (M, K) @ w_pad (N_pad, K_pad).T with cuBLASLt; x2 is padded to K_pad and
     copied to an aligned buffer when needed."""
     from lsquant.ops.build import load
 
+    if algo:
+        _check_algo_id(load(), algo, x2.shape[0], w_pad.shape[0], w_pad.shape[1])
     K_pad = w_pad.shape[1]
     if x2.shape[1] != K_pad:
         x2 = F.pad(x2, (0, K_pad - x2.shape[1]))
