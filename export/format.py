@@ -176,7 +176,3 @@ def read(path: str | os.PathLike, expected: dict[str, TensorSpec] | None = None,
                 raise FormatError(f"{path}: clip dataset {name!r} holds {v} (clips must be finite and > 0); "
                                   "re-export from a calibrated model")
     return ModelFile(path=Path(path), tensors=tensors, **header)
-
-
-def file_size_mb(path: str | os.PathLike) -> float:
-    return os.path.getsize(path) / 2**20
