@@ -27,17 +27,7 @@ STATUS="$OUT/layers_status.txt"
 FIRST_FAIL=0
 T0=$(date +%s)
 
-stage() {  # stage NAME TIMEOUT_S LOG -- command...
-  local name="$1" limit="$2" logf="$3"
-  shift 4
-  local t=$(date +%s)
-  echo "=== [$name] $(date -u +%H:%M:%S) (+$((t - T0)) s): $*" | tee -a "$OUT/$logf"
-  timeout --signal=INT --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$OUT/$logf"
-  local rc=${PIPESTATUS[0]}
-  echo "$name rc=$rc seconds=$(( $(date +%s) - t ))" | tee -a "$STATUS"
-  if [ "$rc" -ne 0 ] && [ "$FIRST_FAIL" -eq 0 ]; then FIRST_FAIL=$rc; fi
-  return 0
-}
+. "$(dirname "$0")/gpu_stage.sh"   # stage NAME TIMEOUT_S LOG -- command...
 
 {
   echo "date: $(date -u)"; echo "mode: $MODE"

@@ -18,7 +18,7 @@ from lsquant.layers import (
     TransformerEmbeddingLayer,
     TransformerEncoderLayer,
 )
-from lsquant.layers.config import _Config, _dtype_name
+from lsquant.layers.config import _Config, _dtype_name, _positive
 
 CHECKPOINT_FORMAT = "lsquant-transformer"
 
@@ -60,11 +60,8 @@ class TransformerConfig(_Config):
 
     def __post_init__(self):
         self.dtype = _dtype_name(self.dtype)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "nhead", "max_seq_len", "max_batch_tokens",
-                     "beam_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {v!r}")
+        _positive(self, "vocab_size", "hidden_size", "intermediate_size", "nhead", "max_seq_len", "max_batch_tokens",
+                  "beam_size")
         if self.num_encoder_layers < 1 or self.num_decoder_layers < 1:
             raise ValueError("a Transformer needs at least one encoder and one decoder layer")
         for name in ("pad_id", "bos_id", "eos_id", "unk_id"):
