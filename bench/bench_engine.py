@@ -5,9 +5,13 @@ PyTorch model's own decoding and Hugging Face ``generate`` on an equivalent Mari
 
 Random weights (calibrated on random batches for the int8 export), a fixed output length (min_len = max_len
 = 32 new tokens, so every implementation decodes the same number of steps), beam 4 and sampling (top-k 4),
-batch {1, 8, 32, 128}, source length {16, 32, 64}. Time: median of 3 timed runs after one warm-up, each
-timed by CUDA events. Memory: peak allocated bytes while the implementation serves the request (its weights,
-caches and activations; each implementation is measured alone).
+batch {1, 8, 32, 128}, source length {16, 32, 64}. The lsquant engines are built for each batch with
+max_batch_size = that batch, max_tgt_len = 32 and max_src_len = the longest source measured (memory "at the
+same batch"), with CUDA graphs and without (column cuda_graph; --graph on|off|both). Time: median of 3 timed
+runs after one warm-up (which also captures the graphs), each timed by CUDA events; ms_per_step = ms / 32.
+Memory: peak allocated bytes while the implementation serves the request (its weights, caches and
+activations; each implementation is measured alone) and peak reserved bytes (the allocator's cache emptied
+first: this column also counts the memory pool of the captured graphs, which allocated bytes do not show).
 """
 from __future__ import annotations
 
@@ -49,11 +53,13 @@ def timed(fn, reps=3):
 
 
 def peak_mb(fn):
+    """(peak allocated MB, peak reserved MB) while fn runs; cached free blocks are released first."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+    return torch.cuda.max_memory_allocated() / 2**20, torch.cuda.max_memory_reserved() / 2**20
 
 
 def marian(sizes):
@@ -72,6 +78,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["base", "big"], choices=list(MODELS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="batch {1, 32}, source length 32 only")
+    ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
+                    help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
     args = ap.parse_args()
     out = args.out or f"bench/results/engine_{gpu_slug()}.csv"
     info = env_info()
@@ -98,29 +106,38 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
 
-        def build(impl):
-            if impl == "lsquant_int8":
-                return QuantTransformer(int8_file, max_batch_size=max(batches), beam_size=4)
-            if impl == "lsquant_fp16":
-                return FloatEngine(fp16_file, max_batch_size=max(batches), beam_size=4)
+        def build(impl, B, graph):
+            if impl in ("lsquant_int8", "lsquant_fp16"):
+                cls, path = (QuantTransformer, int8_file) if impl == "lsquant_int8" else (FloatEngine, fp16_file)
+                return cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
+                           cuda_graph=graph)
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
                 m.load_state_dict(torch.load(fp32_path, map_location="cpu", weights_only=False)["model"])
                 return m.cuda().eval()
             return marian(sizes)
 
-        for impl in ("lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16"):
-            try:
-                obj = build(impl)
-            except Exception as e:  # noqa: BLE001 - record and go on
-                print(f"{mname} {impl}: cannot build: {type(e).__name__}: {e}", flush=True)
-                continue
-            rows = []
-            for method in ("beam", "sample"):
-                for B in batches:
+        graphs = {"on": [True], "off": [False], "both": [True, False]}[args.graph]
+        variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16") for g in graphs]
+        variants += [("pytorch_fp16", False), ("hf_marian_fp16", False)]
+        for impl, graph in variants:
+            ours = impl.startswith("lsquant")
+            name = f"{impl}{'+graph' if graph else ''}"
+            rows, obj = [], None
+            for B in batches:
+                if ours or obj is None:   # our engines: sized for this batch; the others hold no batch buffers
+                    obj = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    try:
+                        obj = build(impl, B, graph)
+                    except Exception as e:  # noqa: BLE001 - record and go on
+                        print(f"{mname} {name}: cannot build: {type(e).__name__}: {e}", flush=True)
+                        break
+                for method in ("beam", "sample"):
                     for S in lens:
                         src = torch.randint(4, VOCAB, (B, S), device="cuda")
-                        if impl.startswith("lsquant"):
+                        if ours:
                             run = lambda: obj.infer(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
                         elif impl == "pytorch_fp16":
                             run = lambda: obj.generate(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
@@ -131,21 +148,25 @@ def main() -> None:
                         try:
                             with torch.inference_mode():
                                 ms = timed(run)
-                                mem = peak_mb(run)
+                                mem, reserved = peak_mb(run)
                             note = ""
                         except Exception as e:  # noqa: BLE001
-                            ms, mem, note = float("nan"), float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
+                            ms, mem, reserved = float("nan"), float("nan"), float("nan")
+                            note = f"{type(e).__name__}: {str(e)[:120]}"
+                        file_mb = sizes_mb[{"lsquant_int8": "int8_file", "lsquant_fp16": "fp16_file"}.get(
+                            impl, "fp32_checkpoint")]
                         r = {**info, "model": f"transformer-{mname}", "impl": impl, "method": method, "batch": B,
                              "src_len": S, "new_tokens": NEW, "ms": round(ms, 2),
                              "tokens_per_s": round(B * NEW / ms * 1e3, 1) if ms == ms else float("nan"),
-                             "peak_mem_mb": round(mem, 1), "file_mb": round(sizes_mb.get(
-                                 {"lsquant_int8": "int8_file", "lsquant_fp16": "fp16_file"}.get(impl, "fp32_checkpoint")), 2),
-                             "note": note}
+                             "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
+                             "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
+                             "peak_reserved_mb": round(reserved, 1)}
                         rows.append(r)
-                        print(f"{mname:4s} {impl:15s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
-                              f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {note}", flush=True)
+                        print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
+                              f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved {note}",
+                              flush=True)
             write_rows(out, rows)
-            del obj
+            obj = None
             gc.collect()
             torch.cuda.empty_cache()
     print(f"wrote {out}")

@@ -3,9 +3,10 @@
 Per kernel (forward, forward+backward): lsquant's fused kernel vs the same computation in PyTorch eager and
 under torch.compile; time (median of CUDA-event timings after warm-up) and GB/s from the bytes each kernel must
 move (see bench/NOTES_layers.md). Per layer (forward+backward, batch tokens 4096/8192/16384, hidden 512/1024):
-lsquant's TransformerEncoderLayer (float and QAT) vs torch.nn.TransformerEncoderLayer under AMP (eager and
-torch.compile) and vs a PyTorch fake-quant layer; wall time (CUDA events), GPU time (sum of kernel times from
-the profiler) and peak memory.
+lsquant's TransformerEncoderLayer (float and QAT; eager and captured in CUDA graphs with lsquant.layers.graphed)
+vs torch.nn.TransformerEncoderLayer under AMP (eager, torch.compile, torch.compile mode="reduce-overhead", and
+under torch.cuda.make_graphed_callables) and vs a PyTorch fake-quant layer; wall time (CUDA events), GPU time
+(sum of kernel times from the profiler) and peak memory.
 
     python bench/bench_layers.py [--quick] [--no-compile] [--out bench/results/layers_<gpu>.csv]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import sys
 import time
@@ -30,7 +32,7 @@ from common import env_info, gpu_slug, time_cuda, warm_gpu  # noqa: E402
 
 import lsquant  # noqa: E402
 from lsquant import ops  # noqa: E402
-from lsquant.layers import TransformerEncoderLayer  # noqa: E402
+from lsquant.layers import TransformerEncoderLayer, graphed  # noqa: E402
 
 FIELDS = ["gpu", "torch", "cuda", "lsquant", "kind", "name", "impl", "dtype", "shape", "tokens", "hidden",
           "wall_ms", "gpu_ms", "gbps", "peak_mb", "speedup_vs_eager", "status", "note"]
@@ -120,6 +122,9 @@ def kernel_cases(dtype, quick: bool):
     if quick:
         T, V = 4096, 8192
     p = 0.1
+    # the dropout seed as the layers pass it: a device tensor the kernels read (an int would be copied to the
+    # device at every call: a pageable host-to-device copy, which syncs)
+    seed = torch.tensor([1], dtype=torch.int64, device=dev)
 
     def rnd(*s, grad=True):
         return torch.randn(*s, device=dev, dtype=dtype).requires_grad_(grad)
@@ -147,7 +152,7 @@ def kernel_cases(dtype, quick: bool):
 
     def bias_act():
         x, bb = rnd(T, I), rnd(I)
-        return (lambda: ops.bias_act_dropout(x, bb, "gelu", p, 1)), (lambda: F.dropout(F.gelu(x + bb), p)), x
+        return (lambda: ops.bias_act_dropout(x, bb, "gelu", p, seed)), (lambda: F.dropout(F.gelu(x + bb), p)), x
 
     cases.append(("bias_gelu_dropout", f"{T}x{I}", 2 * T * I * b, 5 * T * I * b, bias_act))
 
@@ -160,13 +165,13 @@ def kernel_cases(dtype, quick: bool):
             return torch._fake_quantize_learnable_per_tensor_affine(
                 y, (clip / 127).reshape(1), torch.zeros(1, device=dev), -127, 127, 1.0)
 
-        return (lambda: ops.bias_act_dropout_fake_quant(x, bb, "gelu", p, 1, clip)), eager, x
+        return (lambda: ops.bias_act_dropout_fake_quant(x, bb, "gelu", p, seed, clip)), eager, x
 
     cases.append(("bias_gelu_dropout+fake_quant", f"{T}x{I}", 2 * T * I * b, 5 * T * I * b, bias_act_fq))
 
     def bdr():
         x, bb, r = rnd(T, H), rnd(H), rnd(T, H)
-        return (lambda: ops.bias_dropout_residual(x, bb, r, p, 1)), (lambda: r + F.dropout(x + bb, p)), x
+        return (lambda: ops.bias_dropout_residual(x, bb, r, p, seed)), (lambda: r + F.dropout(x + bb, p)), x
 
     cases.append(("bias_dropout_residual", f"{T}x{H}", 3 * T * H * b, 5 * T * H * b, bdr))
 
@@ -182,7 +187,7 @@ def kernel_cases(dtype, quick: bool):
             z = (s * scale).masked_fill(mask[:, None, None, :], float("-inf"))
             return F.dropout(torch.softmax(z, -1), p)
 
-        return (lambda: ops.masked_softmax(s, mask, False, p, 1, scale=scale)), eager, s
+        return (lambda: ops.masked_softmax(s, mask, False, p, seed, scale=scale)), eager, s
 
     n = B * nH * L * L
     cases.append(("masked_softmax_dropout", f"{B}x{nH}x{L}x{L}", 3 * n * b, 6 * n * b, softmax))
@@ -197,7 +202,7 @@ def kernel_cases(dtype, quick: bool):
             e = F.embedding(tok, table) * sc + pos[:Lt]
             return F.dropout(e.masked_fill((tok == 0)[..., None], 0), p)
 
-        return (lambda: ops.embedding(tok, table, pos, sc, 0, 0, p, 1)), eager, table
+        return (lambda: ops.embedding(tok, table, pos, sc, 0, 0, p, seed)), eager, table
 
     cases.append(("embedding", f"{T}x{H} V={V}", 2 * T * H * b, 2 * T * H * b + T * H * (b + 4) + V * H * 6, emb))
 
@@ -281,8 +286,22 @@ class TorchFakeQuantEncoderLayer(nn.Module):
         return x + F.dropout(self._lin(3, self.fc2, h), self.p, self.training)
 
 
+class _TorchLayerPadded(nn.Module):
+    """nn.TransformerEncoderLayer called as f(x, key_padding_mask): make_graphed_callables takes tensor arguments
+    only, in forward's positional order (the mask is torch's third argument)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, key_padding_mask):
+        return self.layer(x, src_key_padding_mask=key_padding_mask)
+
+
 def layer_impls(H, nH, I, dtype, p, compile_: bool, x_amp, mask):
-    """name -> (module, input, autocast?)"""
+    """name -> (build, autocast?, captured per shape?). A captured implementation is built for one input shape
+    (CUDA graphs have fixed shapes): build(x, mask) -> callable; the others build() -> module, reused across token
+    counts. The torch graph variants run in bf16 only (to keep the run near 5 minutes)."""
     cfg = TransformerEncoderLayer.get_config(max_batch_tokens=16384, max_seq_len=256, hidden_size=H,
                                              intermediate_size=I, nhead=nH, attn_prob_dropout_ratio=p,
                                              activation_dropout_ratio=p, hidden_dropout_ratio=p, pre_layer_norm=True)
@@ -300,20 +319,69 @@ def layer_impls(H, nH, I, dtype, p, compile_: bool, x_amp, mask):
     def torch_layer():
         return nn.TransformerEncoderLayer(H, nH, I, dropout=p, batch_first=True, norm_first=True).cuda().train()
 
+    def ours_graph(x, mask):
+        return graphed(ours(), (x.to(dtype).requires_grad_(), mask))
+
+    def ours_qat_graph(x, mask):
+        return graphed(ours_qat(), (x.to(dtype).requires_grad_(), mask))
+
+    def torch_graph(x, mask):
+        # autocast must not cache casts across a capture (make_graphed_callables refuses it); the step runs under
+        # the same autocast(cache_enabled=False)
+        m = _TorchLayerPadded(torch_layer())
+        with torch.autocast("cuda", dtype=dtype, cache_enabled=False):
+            return torch.cuda.make_graphed_callables(m, (x.clone().requires_grad_(), mask))
+
+    def torch_compile_ro():
+        # cudagraph trees: one graph per shape, recorded on the first calls of that shape
+        return torch.compile(torch_layer(), mode="reduce-overhead")
+
     # baselines first, so that each lsquant row can quote its speedups
-    impls["torch_amp"] = (torch_layer, True)
+    impls["torch_amp"] = (torch_layer, True, False)
     if compile_:
-        impls["torch_amp_compile"] = (lambda: torch.compile(torch_layer()), True)
-    impls["torch_fakequant_amp"] = (lambda: TorchFakeQuantEncoderLayer(H, nH, I, p).cuda().train(), True)
-    impls["lsquant"] = (ours, False)
-    impls["lsquant_qat"] = (ours_qat, False)
+        impls["torch_amp_compile"] = (lambda: torch.compile(torch_layer()), True, False)
+    if dtype == torch.bfloat16:
+        impls["torch_amp_graph"] = (torch_graph, True, True)
+        if compile_:
+            impls["torch_amp_compile_ro"] = (torch_compile_ro, True, False)
+    impls["torch_fakequant_amp"] = (lambda: TorchFakeQuantEncoderLayer(H, nH, I, p).cuda().train(), True, False)
+    impls["lsquant"] = (ours, False, False)
+    impls["lsquant_qat"] = (ours_qat, False, False)
+    impls["lsquant_graph"] = (ours_graph, False, True)
+    impls["lsquant_qat_graph"] = (ours_qat_graph, False, True)
 
     def ours_no_attn_dropout():  # attention through SDPA (no probability dropout): the other attention path
         c = TransformerEncoderLayer.get_config(**{**cfg.to_dict(), "attn_prob_dropout_ratio": 0.0})
         return TransformerEncoderLayer(c).to("cuda", dtype).train()
 
-    impls["lsquant_attn_p0"] = (ours_no_attn_dropout, False)
+    impls["lsquant_attn_p0"] = (ours_no_attn_dropout, False, False)
     return impls
+
+
+def _note(impl: str, ms: float, times: dict, first: float) -> str:
+    """The comparisons each row's note quotes (the issue's targets), from the rows measured before it."""
+    note = f"first call {first:.1f}s"
+
+    def vs(other, label, inverse=False):
+        t = times.get(other)
+        if t:
+            return f"; {label} {(ms / t) if inverse else (t / ms):.2f}x"
+        return ""
+
+    if impl in ("lsquant", "lsquant_graph"):
+        note += vs("torch_amp_compile", "vs torch.compile")
+    if impl == "lsquant_graph":
+        note += vs("torch_amp_compile_ro", "vs torch.compile reduce-overhead")
+        note += vs("torch_amp_graph", "vs torch AMP graphed")
+        note += vs("lsquant", "vs lsquant eager")
+    if impl == "lsquant_qat":
+        note += vs("lsquant", "QAT/float time", inverse=True)
+        note += vs("torch_fakequant_amp", "vs torch fake-quant")
+    if impl == "lsquant_qat_graph":
+        note += vs("lsquant_graph", "QAT/float time", inverse=True)
+        note += vs("torch_fakequant_amp", "vs torch fake-quant")
+        note += vs("torch_amp", "vs torch AMP eager")
+    return note
 
 
 def bench_layers(writer: Writer, dtypes, quick: bool, compile_: bool):
@@ -338,44 +406,51 @@ def bench_layers(writer: Writer, dtypes, quick: bool, compile_: bool):
                     impls = layer_impls(H, nH, I, dtype, p, compile_ and dtype == torch.bfloat16, x, mask)
                 shape = f"B={B} L={L} H={H} I={I} heads={nH} p={p}"
                 times = {}
-                for impl, (build, amp) in impls.items():
+                for impl, (build, amp, per_shape) in impls.items():
                     what = dict(kind="layer", name="encoder fwd+bwd", impl=impl, dtype=dname, shape=shape,
                                 tokens=T, hidden=H)
 
-                    def run(build=build, amp=amp, impl=impl, what=what, x=x, mask=mask, gy=gy):
-                        if impl not in modules:
+                    def run(build=build, amp=amp, per_shape=per_shape, impl=impl, what=what, x=x, mask=mask,
+                            gy=gy):
+                        base_mem = torch.cuda.memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                        t0 = time.perf_counter()
+                        if per_shape:  # captured for this shape; the capture's warm-up steps give the peak
+                            m = build(x if amp else x.to(dtype), mask)
+                            torch.cuda.synchronize()
+                            capture_peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+                        elif impl not in modules:
                             modules[impl] = build()
-                        m = modules[impl]
+                        if not per_shape:
+                            m = modules[impl]
                         xin = (x if amp else x.to(dtype)).requires_grad_()
-                        torch_api = impl.startswith("torch_amp")  # nn.TransformerEncoderLayer's signature
+                        torch_api = impl in ("torch_amp", "torch_amp_compile", "torch_amp_compile_ro")
+                        ro = impl == "torch_amp_compile_ro"
+                        params = list(m.parameters())
 
                         def step():
-                            with torch.autocast("cuda", dtype=dtype, enabled=amp):
+                            if ro:  # a new step for cudagraph trees: the previous step's outputs are dead
+                                torch.compiler.cudagraph_mark_step_begin()
+                            with torch.autocast("cuda", dtype=dtype, enabled=amp, cache_enabled=not per_shape):
                                 y = m(xin, src_key_padding_mask=mask) if torch_api else m(xin, mask)
                             y.backward(gy.to(y.dtype))
                             xin.grad = None
-                            m.zero_grad(set_to_none=True)
+                            for q in params:
+                                q.grad = None
 
-                        t0 = time.perf_counter()
-                        step()  # first call (compiles)
+                        step()  # first call (compiles; for graphs: the first replay)
                         first = time.perf_counter() - t0
                         ms = cuda_time_ms(step, warmup=3, iters=10)
                         gms = gpu_kernel_ms(step, iters=3)
-                        mem = peak_mb(step)
+                        mem = capture_peak if per_shape else peak_mb(step)
                         times[impl] = ms
                         base = times.get("torch_amp")
-                        note = f"first call {first:.1f}s"
-                        if impl == "lsquant" and times.get("torch_amp_compile"):
-                            note += f"; vs torch.compile {times['torch_amp_compile'] / ms:.2f}x"
-                        if impl == "lsquant_qat":
-                            if times.get("lsquant"):
-                                note += f"; QAT/float time {ms / times['lsquant']:.2f}x"
-                            if times.get("torch_fakequant_amp"):
-                                note += f"; vs torch fake-quant {times['torch_fakequant_amp'] / ms:.2f}x"
-                        writer.row(wall_ms=ms, gpu_ms=gms, peak_mb=mem,
-                                   speedup_vs_eager=(base / ms) if base else float("nan"), note=note, **what)
+                        writer.row(wall_ms=ms, gpu_ms=gms if gms > 0 else float("nan"), peak_mb=mem,
+                                   speedup_vs_eager=(base / ms) if base else float("nan"),
+                                   note=_note(impl, ms, times, first), **what)
 
                     guarded(writer, what, run)
+                    gc.collect()  # a graphed module and its forward refer to each other: free its graph memory now
                     torch.cuda.empty_cache()
             del modules
 
@@ -398,6 +473,12 @@ def main(argv=None) -> int:
     ops.load()  # build once up front so that the first measurement does not include it
     print(f"extension ready in {time.time() - t0:.1f}s; writing {out}", flush=True)
     warm_gpu()
+    if not args.no_compile:
+        # every compiled kernel, layer size and mode adds cache entries for the same code objects (the default
+        # limit of 8 would silently run the later ones eagerly)
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if args.only in (None, "kernels"):
         bench_kernels(writer, dtypes, args.quick, not args.no_compile)
     if args.only in (None, "layers"):

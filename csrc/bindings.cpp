@@ -213,7 +213,8 @@ int64_t gemm_int8_cublaslt_version() { return static_cast<int64_t>(lsq::gemm_int
 // ---- Transformer layer kernels (issue 3): layernorm.cu, bias_dropout.cu, softmax.cu, embedding.cu,
 // cross_entropy.cu ----
 // Called by lsquant/ops/{layernorm,bias_dropout,softmax,embedding,cross_entropy}.py, which check user-facing
-// arguments; dropout arrives as (seed, offset, thr, scale) from lsquant/ops/dropout.py.
+// arguments; dropout arrives as (seed, offset, thr, scale) from lsquant/ops/dropout.py, the seed as an int64 CUDA
+// tensor of one element (None when thr == 0) whose address the kernels read from.
 namespace {
 
 void layers_check_like(const torch::Tensor& t, const torch::Tensor& ref, const char* name) {
@@ -280,9 +281,20 @@ void layers_check_bias(const torch::Tensor& bias, const torch::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1 && bias.numel() == x.size(-1), "bias must have x.size(-1) = ", x.size(-1), " elements");
 }
 
+// The dropout seed: an int64 CUDA tensor of one element on x's device, read by the kernel (so that a captured
+// CUDA graph replays with the seed its replay drew); None or ignored when thr == 0 (no dropout).
+const int64_t* layers_seed_ptr(const std::optional<torch::Tensor>& seed, int64_t thr, const torch::Tensor& x) {
+  if (thr == 0) return nullptr;
+  TORCH_CHECK(seed.has_value(), "dropout (thr > 0) needs a seed tensor");
+  TORCH_CHECK(seed->is_cuda() && seed->scalar_type() == torch::kInt64 && seed->numel() == 1,
+              "seed must be an int64 CUDA tensor of one element");
+  TORCH_CHECK(seed->device() == x.device(), "seed is on ", seed->device(), ", expected ", x.device());
+  return seed->data_ptr<int64_t>();
+}
+
 // clip: fp32 [1] or empty; with a clip the output is fake_quantize(dropout(act(x + bias))).
-torch::Tensor bias_act_fwd(torch::Tensor x, torch::Tensor bias, int64_t act, int64_t seed, int64_t offset, int64_t thr,
-                           double scale, torch::Tensor clip) {
+torch::Tensor bias_act_fwd(torch::Tensor x, torch::Tensor bias, int64_t act, std::optional<torch::Tensor> seed,
+                           int64_t offset, int64_t thr, double scale, torch::Tensor clip) {
   check_cuda_contig(x, "x");
   layers_check_bias(bias, x);
   const bool fq = clip.numel() > 0;
@@ -290,7 +302,8 @@ torch::Tensor bias_act_fwd(torch::Tensor x, torch::Tensor bias, int64_t act, int
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty_like(x);
   CHECK_CUDA_OK(lsq::bias_act_fwd(x.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel(), x.size(-1),
-                                  static_cast<int>(act), seed, offset, thr, static_cast<float>(scale),
+                                  static_cast<int>(act), layers_seed_ptr(seed, thr, x), offset, thr,
+                                  static_cast<float>(scale),
                                   fq ? clip.data_ptr<float>() : nullptr, dtype_code(x),
                                   c10::cuda::getCurrentCUDAStream()));
   return y;
@@ -298,7 +311,8 @@ torch::Tensor bias_act_fwd(torch::Tensor x, torch::Tensor bias, int64_t act, int
 
 // Returns (gx, dclip fp32 [1] or empty).
 std::vector<torch::Tensor> bias_act_bwd(torch::Tensor gy, torch::Tensor x, torch::Tensor bias, int64_t act,
-                                        int64_t seed, int64_t offset, int64_t thr, double scale, torch::Tensor clip) {
+                                        std::optional<torch::Tensor> seed, int64_t offset, int64_t thr, double scale,
+                                        torch::Tensor clip) {
   check_cuda_contig(x, "x");
   layers_check_like(gy, x, "grad_output");
   TORCH_CHECK(gy.sizes() == x.sizes(), "grad_output must match x");
@@ -310,14 +324,15 @@ std::vector<torch::Tensor> bias_act_bwd(torch::Tensor gy, torch::Tensor x, torch
   auto f32 = x.options().dtype(torch::kFloat32);
   auto pc = fq ? torch::empty({lsq::bias_act_bwd_num_partials(x.numel())}, f32) : torch::empty({0}, f32);
   CHECK_CUDA_OK(lsq::bias_act_bwd(gy.data_ptr(), x.data_ptr(), bias.data_ptr(), gx.data_ptr(), x.numel(), x.size(-1),
-                                  static_cast<int>(act), seed, offset, thr, static_cast<float>(scale),
+                                  static_cast<int>(act), layers_seed_ptr(seed, thr, x), offset, thr,
+                                  static_cast<float>(scale),
                                   fq ? clip.data_ptr<float>() : nullptr, fq ? pc.data_ptr<float>() : nullptr,
                                   dtype_code(x), c10::cuda::getCurrentCUDAStream()));
   return {gx, fq ? pc.sum().reshape({1}) : pc};
 }
 
-torch::Tensor bias_dropout_residual_fwd(torch::Tensor x, torch::Tensor bias, torch::Tensor residual, int64_t seed,
-                                        int64_t offset, int64_t thr, double scale) {
+torch::Tensor bias_dropout_residual_fwd(torch::Tensor x, torch::Tensor bias, torch::Tensor residual,
+                                        std::optional<torch::Tensor> seed, int64_t offset, int64_t thr, double scale) {
   check_cuda_contig(x, "x");
   layers_check_bias(bias, x);
   layers_check_like(residual, x, "residual");
@@ -325,23 +340,25 @@ torch::Tensor bias_dropout_residual_fwd(torch::Tensor x, torch::Tensor bias, tor
   const c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty_like(x);
   CHECK_CUDA_OK(lsq::bias_dropout_residual_fwd(x.data_ptr(), bias.data_ptr(), residual.data_ptr(), y.data_ptr(),
-                                               x.numel(), x.size(-1), seed, offset, thr, static_cast<float>(scale),
-                                               dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+                                               x.numel(), x.size(-1), layers_seed_ptr(seed, thr, x), offset, thr,
+                                               static_cast<float>(scale), dtype_code(x),
+                                               c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
-torch::Tensor dropout_bwd(torch::Tensor gy, int64_t seed, int64_t offset, int64_t thr, double scale) {
+torch::Tensor dropout_bwd(torch::Tensor gy, std::optional<torch::Tensor> seed, int64_t offset, int64_t thr,
+                          double scale) {
   check_cuda_contig(gy, "grad_output");
   const c10::cuda::CUDAGuard guard(gy.device());
   auto gx = torch::empty_like(gy);
-  CHECK_CUDA_OK(lsq::dropout_bwd(gy.data_ptr(), gx.data_ptr(), gy.numel(), seed, offset, thr,
+  CHECK_CUDA_OK(lsq::dropout_bwd(gy.data_ptr(), gx.data_ptr(), gy.numel(), layers_seed_ptr(seed, thr, gy), offset, thr,
                                  static_cast<float>(scale), dtype_code(gy), c10::cuda::getCurrentCUDAStream()));
   return gx;
 }
 
 // x [B, nH, Lq, Lk]; mask [B, Lk] uint8 or empty. Returns (probs, dropped); dropped is probs when thr == 0.
-std::vector<torch::Tensor> softmax_fwd(torch::Tensor x, torch::Tensor mask, bool causal, double sscale, int64_t seed,
-                                       int64_t offset, int64_t thr, double scale) {
+std::vector<torch::Tensor> softmax_fwd(torch::Tensor x, torch::Tensor mask, bool causal, double sscale,
+                                       std::optional<torch::Tensor> seed, int64_t offset, int64_t thr, double scale) {
   check_cuda_contig(x, "scores");
   TORCH_CHECK(x.dim() == 4, "scores must be [batch, heads, q_len, k_len]");
   const int64_t B = x.size(0), nH = x.size(1), Lq = x.size(2), Lk = x.size(3);
@@ -358,13 +375,13 @@ std::vector<torch::Tensor> softmax_fwd(torch::Tensor x, torch::Tensor mask, bool
   auto probs = torch::empty_like(x);
   auto dropped = thr ? torch::empty_like(x) : probs;
   CHECK_CUDA_OK(lsq::softmax_fwd(x.data_ptr(), mptr, probs.data_ptr(), dropped.data_ptr(), B, nH, Lq, Lk, causal,
-                                 static_cast<float>(sscale), seed, offset, thr, static_cast<float>(scale),
-                                 dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+                                 static_cast<float>(sscale), layers_seed_ptr(seed, thr, x), offset, thr,
+                                 static_cast<float>(scale), dtype_code(x), c10::cuda::getCurrentCUDAStream()));
   return {probs, dropped};
 }
 
-torch::Tensor softmax_bwd(torch::Tensor gy, torch::Tensor probs, double sscale, int64_t seed, int64_t offset,
-                          int64_t thr, double scale) {
+torch::Tensor softmax_bwd(torch::Tensor gy, torch::Tensor probs, double sscale, std::optional<torch::Tensor> seed,
+                          int64_t offset, int64_t thr, double scale) {
   check_cuda_contig(probs, "probs");
   layers_check_like(gy, probs, "grad_output");
   TORCH_CHECK(gy.sizes() == probs.sizes() && probs.dim() >= 1, "grad_output must match probs");
@@ -372,8 +389,8 @@ torch::Tensor softmax_bwd(torch::Tensor gy, torch::Tensor probs, double sscale, 
   const c10::cuda::CUDAGuard guard(gy.device());
   auto gx = torch::empty_like(gy);
   CHECK_CUDA_OK(lsq::softmax_bwd(gy.data_ptr(), probs.data_ptr(), gx.data_ptr(), rows, Lk, static_cast<float>(sscale),
-                                 seed, offset, thr, static_cast<float>(scale), dtype_code(gy),
-                                 c10::cuda::getCurrentCUDAStream()));
+                                 layers_seed_ptr(seed, thr, gy), offset, thr, static_cast<float>(scale),
+                                 dtype_code(gy), c10::cuda::getCurrentCUDAStream()));
   return gx;
 }
 
@@ -385,7 +402,8 @@ void layers_check_tokens(const torch::Tensor& tokens, const torch::Tensor& ref) 
 
 // tokens [B, L] int64, table [V, H], pos [P, H] -> [B, L, H]
 torch::Tensor embedding_fwd(torch::Tensor tokens, torch::Tensor table, torch::Tensor pos, double emb_scale,
-                            int64_t pad, int64_t start, int64_t seed, int64_t offset, int64_t thr, double scale) {
+                            int64_t pad, int64_t start, std::optional<torch::Tensor> seed, int64_t offset, int64_t thr,
+                            double scale) {
   check_cuda_contig(table, "table");
   layers_check_like(pos, table, "pos_table");
   layers_check_tokens(tokens, table);
@@ -395,15 +413,16 @@ torch::Tensor embedding_fwd(torch::Tensor tokens, torch::Tensor table, torch::Te
   auto y = torch::empty({tokens.size(0), L, H}, table.options());
   CHECK_CUDA_OK(lsq::embedding_fwd(tokens.data_ptr<int64_t>(), table.data_ptr(), pos.data_ptr(), y.data_ptr(),
                                    tokens.numel(), H, L, start, table.size(0), pos.size(0),
-                                   static_cast<float>(emb_scale), pad, seed, offset, thr, static_cast<float>(scale),
-                                   dtype_code(table), c10::cuda::getCurrentCUDAStream()));
+                                   static_cast<float>(emb_scale), pad, layers_seed_ptr(seed, thr, table), offset, thr,
+                                   static_cast<float>(scale), dtype_code(table), c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
 // Returns (grad table fp32 [V, H], grad pos fp32 [P, H] or empty).
 std::vector<torch::Tensor> embedding_bwd(torch::Tensor gy, torch::Tensor tokens, int64_t V, int64_t P, bool need_pos,
-                                         double emb_scale, int64_t pad, int64_t start, int64_t seed, int64_t offset,
-                                         int64_t thr, double scale) {
+                                         double emb_scale, int64_t pad, int64_t start,
+                                         std::optional<torch::Tensor> seed, int64_t offset, int64_t thr,
+                                         double scale) {
   check_cuda_contig(gy, "grad_output");
   layers_check_tokens(tokens, gy);
   TORCH_CHECK(gy.dim() == 3 && gy.size(0) == tokens.size(0) && gy.size(1) == tokens.size(1),
@@ -415,8 +434,8 @@ std::vector<torch::Tensor> embedding_bwd(torch::Tensor gy, torch::Tensor tokens,
   auto gp = need_pos ? torch::zeros({P, H}, f32) : torch::empty({0}, f32);
   CHECK_CUDA_OK(lsq::embedding_bwd(gy.data_ptr(), tokens.data_ptr<int64_t>(), gt.data_ptr<float>(),
                                    need_pos ? gp.data_ptr<float>() : nullptr, tokens.numel(), H, tokens.size(1), start,
-                                   V, P, static_cast<float>(emb_scale), pad, seed, offset, thr,
-                                   static_cast<float>(scale), dtype_code(gy), c10::cuda::getCurrentCUDAStream()));
+                                   V, P, static_cast<float>(emb_scale), pad, layers_seed_ptr(seed, thr, gy), offset,
+                                   thr, static_cast<float>(scale), dtype_code(gy), c10::cuda::getCurrentCUDAStream()));
   return {gt, gp};
 }
 
@@ -461,6 +480,90 @@ torch::Tensor ce_bwd(torch::Tensor gloss, torch::Tensor x, torch::Tensor targets
 }  // namespace
 // ---- end of Transformer layer kernels (issue 3) ----
 
+// ---- attention head split / merge (issue 3): heads.cu ----
+// Called by lsquant/ops/heads.py, which checks user-facing arguments and computes the bias gradient.
+#include "kernels/heads.cuh"
+namespace {
+
+void heads_check_part(const torch::Tensor& t, const torch::Tensor& ref, int64_t B, int64_t nH, int64_t L, int64_t D,
+                      const char* name) {
+  layers_check_like(t, ref, name);
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == nH && t.size(2) == L && t.size(3) == D, name,
+              " must be [", B, ", ", nH, ", ", L, ", ", D, "], got ", t.sizes());
+}
+
+// qkv [B, L, parts * H] (no bias), bias [parts * H] or none -> parts tensors [B, nH, L, H / nH], bias added in fp32.
+std::vector<torch::Tensor> split_heads_fwd(torch::Tensor qkv, std::optional<torch::Tensor> bias, int64_t nH,
+                                           int64_t parts) {
+  check_cuda_contig(qkv, "qkv");
+  TORCH_CHECK(parts >= 1 && parts <= 3, "parts must be 1, 2 or 3, got ", parts);
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(2) % parts == 0, "qkv must be [batch, seq_len, ", parts, " * hidden]");
+  const int64_t B = qkv.size(0), L = qkv.size(1), H = qkv.size(2) / parts;
+  TORCH_CHECK(nH >= 1 && H % nH == 0, "hidden ", H, " is not divisible by nhead ", nH);
+  const void* bptr = nullptr;
+  if (bias.has_value()) {
+    layers_check_like(*bias, qkv, "bias");
+    TORCH_CHECK(bias->numel() == qkv.size(2), "bias must have ", qkv.size(2), " elements, got ", bias->numel());
+    bptr = bias->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  std::vector<torch::Tensor> out;
+  for (int64_t p = 0; p < parts; ++p) out.push_back(torch::empty({B, nH, L, H / nH}, qkv.options()));
+  CHECK_CUDA_OK(lsq::heads_split(qkv.data_ptr(), bptr, out[0].data_ptr(), parts > 1 ? out[1].data_ptr() : nullptr,
+                                 parts > 2 ? out[2].data_ptr() : nullptr, B, L, nH, H / nH, static_cast<int>(parts),
+                                 dtype_code(qkv), c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// grads: `parts` tensors [B, nH, L, D], None for an unused output (zeros) -> grad qkv [B, L, parts * nH * D].
+// ref: any tensor of the dtype and device (the first defined grad).
+torch::Tensor split_heads_bwd(std::vector<std::optional<torch::Tensor>> grads, torch::Tensor ref, int64_t B,
+                              int64_t L, int64_t nH, int64_t D) {
+  const int64_t parts = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(parts >= 1 && parts <= 3, "split_heads_bwd takes 1 to 3 gradients, got ", parts);
+  TORCH_CHECK(ref.is_cuda(), "ref must be a CUDA tensor");
+  const void* ptr[3] = {nullptr, nullptr, nullptr};
+  for (int64_t p = 0; p < parts; ++p) {
+    if (!grads[p].has_value() || !grads[p]->defined()) continue;
+    heads_check_part(*grads[p], ref, B, nH, L, D, "grad of a split_heads output");
+    ptr[p] = grads[p]->data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(ref.device());
+  auto gx = torch::empty({B, L, parts * nH * D}, ref.options());
+  CHECK_CUDA_OK(lsq::heads_merge(ptr[0], ptr[1], ptr[2], gx.data_ptr(), B, L, nH, D, static_cast<int>(parts),
+                                 dtype_code(ref), c10::cuda::getCurrentCUDAStream()));
+  return gx;
+}
+
+// ctx [B, nH, L, D] -> [B, L, nH * D]
+torch::Tensor merge_heads_fwd(torch::Tensor ctx) {
+  check_cuda_contig(ctx, "ctx");
+  TORCH_CHECK(ctx.dim() == 4, "ctx must be [batch, nhead, seq_len, head_dim], got ", ctx.sizes());
+  const int64_t B = ctx.size(0), nH = ctx.size(1), L = ctx.size(2), D = ctx.size(3);
+  TORCH_CHECK(nH >= 1 && D >= 1, "ctx must have at least one head of at least one element");
+  const c10::cuda::CUDAGuard guard(ctx.device());
+  auto y = torch::empty({B, L, nH * D}, ctx.options());
+  CHECK_CUDA_OK(lsq::heads_merge(ctx.data_ptr(), nullptr, nullptr, y.data_ptr(), B, L, nH, D, 1, dtype_code(ctx),
+                                 c10::cuda::getCurrentCUDAStream()));
+  return y;
+}
+
+// gy [B, L, H] -> [B, nH, L, H / nH]
+torch::Tensor merge_heads_bwd(torch::Tensor gy, int64_t nH) {
+  check_cuda_contig(gy, "grad_output");
+  TORCH_CHECK(gy.dim() == 3 && nH >= 1 && gy.size(2) % nH == 0, "grad_output must be [batch, seq_len, hidden] with "
+              "hidden divisible by nhead ", nH, ", got ", gy.sizes());
+  const int64_t B = gy.size(0), L = gy.size(1), D = gy.size(2) / nH;
+  const c10::cuda::CUDAGuard guard(gy.device());
+  auto gx = torch::empty({B, nH, L, D}, gy.options());
+  CHECK_CUDA_OK(lsq::heads_split(gy.data_ptr(), nullptr, gx.data_ptr(), nullptr, nullptr, B, L, nH, D, 1,
+                                 dtype_code(gy), c10::cuda::getCurrentCUDAStream()));
+  return gx;
+}
+
+}  // namespace
+// ---- end of attention head split / merge ----
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lsquant CUDA kernels";
   // quantize.cu
@@ -487,4 +590,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_int8_algos", &gemm_int8_algos, "cuBLASLt int8 algorithms: heuristic (enumerate=False) or enumerated");
   m.def("gemm_int8_epilogue", &gemm_int8_epilogue, "int32 acc -> scaled (+bias, act, requant) output");
   m.def("gemm_int8_cublaslt_version", &gemm_int8_cublaslt_version, "cublasLtGetVersion()");
+  // heads.cu (issue 3)
+  m.def("split_heads_fwd", &split_heads_fwd, "qkv [B, L, parts*H] (+ bias) -> parts x [B, nH, L, D]");
+  m.def("split_heads_bwd", &split_heads_bwd, "grads of the parts (None = zeros) -> grad qkv [B, L, parts*H]");
+  m.def("merge_heads_fwd", &merge_heads_fwd, "ctx [B, nH, L, D] -> [B, L, nH*D]");
+  m.def("merge_heads_bwd", &merge_heads_bwd, "grad [B, L, H] -> [B, nH, L, H/nH]");
 }

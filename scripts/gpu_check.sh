@@ -46,14 +46,16 @@ for part in $parts; do
       ) 2>&1 | tee "$OUT/quant.log" || failed=$((failed + 1)) ;;
     engine)
       ( echo "== cuda tests: models and engines"
-        python3 -m pytest -q -m cuda tests/test_engine_transformer.py tests/test_models_transformer.py
+        python3 -m pytest -q -m cuda tests/test_engine_transformer.py tests/test_models_transformer.py tests/test_decoding.py
       ) 2>&1 | tee "$OUT/engine.log" || failed=$((failed + 1)) ;;
     gemm)   bash scripts/gpu_gemm.sh $mode 2>&1 | tee "$OUT/gemm.log" || failed=$((failed + 1)) ;;
     layers) bash scripts/gpu_layers.sh $mode 2>&1 | tee "$OUT/layers.log" || failed=$((failed + 1)) ;;
     recipe) bash scripts/gpu_recipe.sh $mode 2>&1 | tee "$OUT/recipe.log" || failed=$((failed + 1)) ;;
     enginebench)
       ( echo "== bench: engines (${mode:-full})"
-        timeout 470 python3 bench/bench_engine.py ${mode:+--$mode} --out "$OUT/engine.csv"
+        timeout 420 python3 bench/bench_engine.py ${mode:+--$mode} --out "$OUT/engine.csv"
+        echo "== profile: one request per engine (base, batch 8, beam 4)"
+        timeout 120 python3 bench/profile_engine.py --out "$OUT/engine_profile.csv"
       ) 2>&1 | tee "$OUT/enginebench.log" || failed=$((failed + 1)) ;;
     *) echo "unknown part $part"; failed=$((failed + 1)) ;;
   esac

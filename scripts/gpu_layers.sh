@@ -110,7 +110,7 @@ PYEOF
 if [ "$MODE" = all ] || [ "$MODE" = test ] || [ "$MODE" = quick ]; then
   stage pytest_ops 420 layers_pytest_ops.log -- "$PY" -m pytest -m cuda tests/test_layer_ops_cuda.py -q -ra \
     --durations=10 --junitxml="$OUT/layers_pytest_ops.xml"
-  stage pytest_layers 300 layers_pytest_layers.log -- "$PY" -m pytest -m cuda tests/test_layers_cuda.py -q -ra \
+  stage pytest_layers 300 layers_pytest_layers.log -- "$PY" -m pytest -m cuda tests/test_layers_cuda.py tests/test_heads.py -q -ra \
     --durations=10 --junitxml="$OUT/layers_pytest_layers.xml"
   # Out-of-bounds accesses: one pass of a subset of the kernel tests (odd, non-vectorisable shapes and small
   # vectorised ones, both dtypes, forward and backward) under memcheck; --error-exitcode makes a finding fail.

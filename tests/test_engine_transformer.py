@@ -135,6 +135,155 @@ def test_bad_requests_and_the_engine_keeps_serving(trained, test_src, tmp_path):
     assert torch.equal(eng.infer(test_src[:2], "greedy")[0], good)
 
 
+def _same_as_model(eng, model, src, method, **kw):
+    """The engine decodes src as the model does: the same tokens, scores within fp32 rounding."""
+    ours, s1 = eng.infer(src, method, **kw)
+    theirs, s2 = model.generate(src, method, **kw)
+    assert torch.equal(ours, theirs), (method, kw)
+    torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+    return ours
+
+
+def test_static_step_crosses_cache_buckets(trained, test_src, tmp_path):
+    """Outputs of 22 tokens (min_len forces them) attend over the 16-key bucket, then over the 24-key one (the
+    cap: max_seq_len 24); the engine still decodes exactly as the model."""
+    eng = FloatEngine(export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32"), max_batch_size=8)
+    src = test_src[:6]
+    for method, kw in (("greedy", {}), ("beam", {}), ("beam", dict(beam_size=2, length_penalty=0.6)),
+                       ("sample", dict(top_k=5, seed=3)), ("sample", dict(top_p=0.8, temperature=1.3, seed=4))):
+        tokens = _same_as_model(eng, trained, src, method, max_len=22, min_len=20, **kw)
+        assert tokens.shape[-1] >= 20
+
+
+def test_int8_static_step_crosses_cache_buckets(trained, test_src, tmp_path):
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(4, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    eng = QuantTransformer(export_transformer(qat, tmp_path / "q.h5", "int8", float_dtype="float32"), max_batch_size=8)
+    ours, theirs = (f(test_src[:8], "greedy", max_len=21, min_len=19)[0] for f in (eng.infer, qat.generate))
+    assert ours.shape[-1] >= 19 and torch.equal(ours, theirs)
+
+
+def test_requests_of_every_shape_back_to_back(trained, test_src, tmp_path):
+    """One engine serves requests of different batch sizes, source lengths, methods and beams in turn, each
+    exactly as the model decodes it alone; repeating a request of a seen shape allocates nothing new."""
+    eng = FloatEngine(export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32"), max_batch_size=8)
+    short = test_src[:, :4].clone()
+    short[:, -1] = 2
+    requests = [(test_src[:3], "beam", {}), (short[:8], "greedy", {}), (test_src[:1], "sample", dict(top_k=3, seed=1)),
+                (short[:5], "beam", dict(beam_size=2)), (test_src[8:16], "beam", dict(max_len=19, min_len=17)),
+                (test_src[:3], "beam", {})]
+    first = None
+    for src, method, kw in requests:
+        out = _same_as_model(eng, trained, src, method, **kw)
+        first = out if first is None else first
+    assert torch.equal(out, first)
+    buffers, kv = len(eng._state), eng.self_kv.data_ptr()
+    for src, method, kw in requests:
+        eng.infer(src, method, **kw)
+    assert len(eng._state) == buffers and eng.self_kv.data_ptr() == kv
+
+
+def test_a_recorded_step_serves_later_requests(trained, test_src, tmp_path):
+    """What a CUDA graph does, on the CPU: the first step of each (search key, source bucket, cache bucket) is
+    recorded with its Python objects, and every later step with that key, in this request or a later one,
+    re-runs the recorded step (the first request's search object, not its own). It still decodes every request
+    exactly: all state a step reads or writes sits in the engine's persistent buffers."""
+    from lsquant.inference.transformer_engine import _bucket
+
+    eng = FloatEngine(export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32"), max_batch_size=8)
+    recorded = {}
+
+    def replaying_advance(search, t, src_bucket):
+        tgt_bucket = _bucket(t + 1, eng.max_tgt_len)
+        first = recorded.setdefault((search.key, src_bucket, tgt_bucket), search)
+        eng._step(first, src_bucket, tgt_bucket)
+
+    eng._advance = replaying_advance
+    for src, method, kw in ((test_src[:4], "beam", dict(max_len=20, min_len=18)), (test_src[4:8], "beam", {}),
+                            (test_src[8:12], "beam", dict(max_len=20, min_len=17)), (test_src[:4], "greedy", {}),
+                            (test_src[12:16], "greedy", dict(max_len=22, min_len=19)),
+                            (test_src[:4], "sample", dict(top_k=3, seed=1)),
+                            (test_src[4:8], "sample", dict(top_k=3, seed=2))):
+        _same_as_model(eng, trained, src, method, **kw)
+    assert len(recorded) == 5
+
+
+class _NoHostSync:
+    """A dispatch mode that fails on the aten ops that on CUDA read device memory from the host (a sync, which
+    CUDA graph capture forbids): .item() / bool() / int() of a tensor, nonzero, masked_select, unique,
+    boolean-mask indexing. (Device-to-host copies such as .cpu() do not show on the CPU: the GPU run's graph
+    capture is the check for those.)"""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2"}
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                bool_index = name in ("index", "index_put", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+                if name in cls.SYNCING or bool_index:
+                    raise AssertionError(f"{func} would sync with the host inside the decoder step")
+                return func(*args, **(kwargs or {}))
+
+        return Mode()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_the_step_never_syncs_with_the_host(trained, test_src, tmp_path, precision):
+    """The step that CUDA graphs capture (model step + search update) runs no op that reads device memory
+    on the host: checked on the CPU by intercepting every aten op of the step."""
+    m = trained
+    if precision == "int8":
+        m = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+        lsquant.calibrate(m, [b[:2] for b in _copy_batches(2, seed=5)], method="max", progress=False)
+        m.apply(lsquant.enable_quant)
+    cls = QuantTransformer if precision == "int8" else FloatEngine
+    eng = cls(export_transformer(m, tmp_path / "e.h5", precision, float_dtype="float32"), max_batch_size=4)
+    step, calls = eng._step, []
+
+    def checked_step(*a):
+        calls.append(1)
+        with _NoHostSync():
+            step(*a)
+
+    eng._step = checked_step
+    for method, kw in (("beam", {}), ("greedy", {}), ("sample", dict(top_k=3, top_p=0.9, temperature=0.8))):
+        eng.infer(test_src[:3], method, max_len=18, min_len=17, **kw)
+    assert len(calls) == 3 * 18
+
+
+def test_buffers_follow_the_limits_and_requests_over_them_are_refused(trained, test_src, tmp_path):
+    path = export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32")
+    eng = FloatEngine(path, max_batch_size=3, beam_size=2, max_tgt_len=12, max_src_len=9)
+    c = trained.config
+    D = c.hidden_size // c.nhead
+    assert eng.self_kv.shape == (2, c.num_decoder_layers, 3 * 2, c.nhead, 12, D)
+    assert eng.cross_kv.shape == (2, c.num_decoder_layers, 3, c.nhead, 9, D)   # one copy per sentence
+    good = _same_as_model(eng, trained, test_src[:3], "beam", beam_size=2)
+    with pytest.raises(ValueError, match="max_tgt_len=12"):
+        eng.infer(test_src[:3], "greedy", max_len=13)
+    with pytest.raises(ValueError, match="max_src_len=9"):
+        eng.infer(torch.full((1, 10), 5))
+    with pytest.raises(ValueError, match="beam_size 3 is over the engine's 2"):
+        eng.infer(test_src[:3], beam_size=3)
+    with pytest.raises(ValueError, match="top_p"):
+        eng.infer(test_src[:3], "sample", top_p=0.0)
+    with pytest.raises(ValueError, match="method"):
+        eng.infer(test_src[:3], "nucleus")
+    assert torch.equal(eng.infer(test_src[:3], "beam", beam_size=2)[0], good)
+    # the default output length is capped by max_tgt_len (the model's rule asks 1.0 * 8 + 3 = 11 here)
+    assert eng.infer(test_src[:3], "greedy", min_len=30)[0].shape[-1] == 11
+    eng6 = FloatEngine(path, max_batch_size=3, max_tgt_len=6)
+    assert eng6.infer(test_src[:3], "greedy", min_len=30)[0].shape[-1] == 6
+    for bad in (dict(max_tgt_len=25), dict(max_src_len=0), dict(beam_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FloatEngine(path, max_batch_size=1, **bad)
+
+
 def test_corrupted_file_is_a_clear_error(trained, tmp_path):
     path = export_transformer(trained, tmp_path / "fp.h5", "fp16")
     data = path.read_bytes()
@@ -164,3 +313,36 @@ def test_cuda_engines_match_the_model_on_cuda(trained, test_src, tmp_path):
     eng16 = FloatEngine(export_transformer(trained, tmp_path / "fp16.h5", "fp16"), max_batch_size=64, device="cuda")
     same16 = sum(torch.equal(a, b) for a, b in zip(eng16.infer(src, "greedy")[0], eng.infer(src, "greedy")[0]))
     assert same16 >= 0.95 * len(src), same16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_cuda_graphs_give_the_eager_tokens(trained, test_src, tmp_path, precision):
+    """On the GPU, the captured step replays exactly what the same step computes eagerly: graph and no-graph
+    engines give identical tokens (and scores) for every method, through several cache buckets, and requests
+    of other shapes and contents in between do not disturb the graphs (their state sits at fixed addresses)."""
+    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
+    if precision == "int8":
+        lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
+                          progress=False)
+        model.apply(lsquant.enable_quant)
+    path = export_transformer(model, tmp_path / f"{precision}.h5", precision)
+    cls = QuantTransformer if precision == "int8" else FloatEngine
+    graphed = cls(path, max_batch_size=16, device="cuda")
+    eager = cls(path, max_batch_size=16, device="cuda", cuda_graph=False)
+    assert graphed.cuda_graph and not eager.cuda_graph
+    src = test_src.cuda()
+    short = src[:, :5].clone()
+    short[:, -1] = 2
+    requests = [(src[:16], "beam", {}), (src[16:20], "greedy", dict(max_len=22, min_len=20)),
+                (short[:7], "sample", dict(top_k=4, seed=2)), (src[20:36], "beam", {}),
+                (src[:16], "beam", {}), (short[3:5], "beam", dict(beam_size=2, max_len=20, min_len=18)),
+                (src[40:56], "greedy", {}), (src[16:20], "greedy", dict(max_len=22, min_len=20))]
+    for src_i, method, kw in requests:
+        a, sa = graphed.infer(src_i, method, **kw)
+        b, sb = eager.infer(src_i, method, **kw)
+        assert torch.equal(a, b), (method, kw)
+        assert torch.equal(sa, sb), (method, kw)
+    assert len(graphed._graphs) >= 5 and not eager._graphs
+    # the two identical requests (first and fifth) gave the same result through the same graphs
+    assert torch.equal(graphed.infer(src[:16])[0], eager.infer(src[:16])[0])

@@ -269,3 +269,73 @@ def test_cross_entropy(N, V, eps, dtype):
     check("nll", nll, n64, nt)
     check("grad", xl.grad, x64.grad, xt.grad)
     assert float(xl.grad[::3].abs().sum()) == 0.0
+
+
+# ---- seeds read from device memory (graph-safe dropout) --------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [5, 2**40 + 7, 2**62 - 1, -3])
+def test_tensor_seed_equals_int_seed(seed):
+    """A one-element int64 CUDA tensor (here a view inside a larger one, as the layers pass them) gives the
+    mask of the same int: the kernels hash the 64 bits they read as the host hashed the int."""
+    dt = torch.bfloat16
+    x, bias, res = rand(97, 1024, dtype=dt), rand(1024, dtype=dt), rand(97, 1024, dtype=dt)
+    t = torch.tensor([0, seed, 0], dtype=torch.int64, device=DEV)[1]
+    tokens = torch.randint(0, 97, (3, 33), generator=torch.Generator().manual_seed(1)).to(DEV)
+    for f in (lambda s: ops.bias_act_dropout(x, bias, "gelu", 0.1, s),
+              lambda s: ops.bias_dropout_residual(x, bias, res, 0.1, s),
+              lambda s: ops.masked_softmax(x.view(1, 1, 97, 1024), None, True, 0.1, s, scale=0.1),
+              lambda s: ops.embedding(tokens, x, res, 2.0, 0, 0, 0.1, s)):
+        assert torch.equal(f(seed), f(t))
+    dropped = ~keep_like(x.shape, 0.1, seed)
+    y = ops.bias_act_dropout(x, bias, "relu", 0.1, t)
+    assert bool((y[dropped] == 0).all()) and torch.equal(y != 0, (torch.relu(x.float() + bias.float()) != 0)
+                                                         & ~dropped)
+
+
+def test_captured_ops_read_the_seed_at_replay():
+    """Each dropout kernel, forward and backward, captured in a CUDA graph with a seed tensor: a replay after
+    the tensor was rewritten applies the new seed's mask (a seed passed by value would be frozen at capture)."""
+    dt = torch.float16
+    x, bias, res = rand(33, 256, dtype=dt), rand(256, dtype=dt), rand(33, 256, dtype=dt)
+    s4 = rand(2, 2, 7, 40, dtype=dt)
+    tokens = torch.randint(1, 50, (3, 11), device=DEV)
+    table, pos = rand(50, 256, dtype=dt), rand(16, 256, dtype=dt)
+    leaves = [t.clone().requires_grad_() for t in (x, s4, table)]
+    seed = torch.tensor([11], dtype=torch.int64, device=DEV)
+
+    def run(leaves, seed):
+        outs = (ops.bias_act_dropout(leaves[0], bias, "gelu", 0.2, seed),
+                ops.bias_dropout_residual(leaves[0], bias, res, 0.2, seed),
+                ops.masked_softmax(leaves[1], None, False, 0.2, seed, scale=0.5),
+                ops.embedding(tokens, leaves[2], pos, 16.0, 1, 0, 0.2, seed))
+        grads = torch.autograd.grad([o.float().sum() for o in outs], leaves)
+        return outs, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(leaves, seed)  # warm-up outside the capture (build, cuBLAS handles)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs, grads = run(leaves, seed)
+    for sv in (11, 2**50 + 1, 12345):
+        seed.fill_(sv)
+        g.replay()
+        want_outs, want = run([t.clone().requires_grad_() for t in (x, s4, table)], sv)
+        for o, r in zip(outs, want_outs):
+            assert torch.equal(o, r), sv
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)  # the embedding's atomics: order varies
+        assert torch.equal(grads[0], want[0]) and torch.equal(grads[1], want[1])
+
+
+def test_dropout_without_a_seed_tensor_is_refused():
+    x, bias, res = rand(4, 64, dtype=torch.float16), rand(64, dtype=torch.float16), rand(4, 64, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="needs a seed tensor"):
+        ops.load().bias_dropout_residual_fwd(x, bias, res, None, 0, 100, 1.1)
+    with pytest.raises(RuntimeError, match="int64 CUDA tensor of one element"):
+        ops.load().bias_dropout_residual_fwd(x, bias, res, torch.tensor([1, 2], device=DEV), 0, 100, 1.1)
+    # no dropout: no seed needed
+    torch.testing.assert_close(ops.load().bias_dropout_residual_fwd(x, bias, res, None, 0, 0, 1.0),
+                               ops.bias_dropout_residual_ref(x, bias, res))

@@ -407,3 +407,38 @@ def test_fused_quant_plumbing_equals_unfused(monkeypatch):
     assert torch.equal(out, out2)
     for n, p in dec.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+# ---- what keeps the CUDA path free of host syncs (checked on the GPU in test_layers_cuda.py) -----------------
+
+def test_quantizer_keeps_its_calibrated_flag_on_the_host():
+    """After calibration the quant-mode forward does not read the `initialized` buffer (on CUDA that is a sync per
+    quantizer per call); loading a state dict makes the loaded buffer decide again."""
+    from lsquant.quant import TensorQuantizer
+    q = TensorQuantizer()
+    fresh = TensorQuantizer().state_dict()
+    q.set_quant_mode("quant")
+    with pytest.raises(RuntimeError, match="never set"):
+        q(torch.randn(4))
+    assert not q.is_initialized()
+    q.set_clip(2.0)
+    assert q.is_initialized()
+    q.initialized.fill_(False)  # not read any more: the host flag answers
+    q(torch.randn(4))
+    q.load_state_dict(fresh)
+    with pytest.raises(RuntimeError, match="never set"):
+        q(torch.randn(4))
+    q.load_state_dict({"clip": torch.tensor(3.0), "initialized": torch.tensor(True)})
+    assert q.is_initialized() and float(q.clip.detach()) == 3.0
+    assert TensorQuantizer(axis=0, num_channels=3, dynamic=True).is_initialized()
+
+
+def test_graphed_checks_its_arguments():
+    from lsquant.layers import graphed
+    enc = TransformerEncoderLayer(TransformerEncoderLayer.get_config(hidden_size=H, intermediate_size=FFN, nhead=NH))
+    with pytest.raises(TypeError, match="sample argument 0 must be a CUDA tensor, got cpu"):
+        graphed(enc, (torch.randn(2, 5, H),))
+    with pytest.raises(TypeError, match="leave optional arguments out"):
+        graphed(enc, (torch.randn(2, 5, H), None))
+    with pytest.raises(TypeError, match="takes an nn.Module"):
+        graphed(lambda x: x, (torch.randn(2),))

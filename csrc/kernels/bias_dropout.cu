@@ -58,8 +58,9 @@ __device__ __forceinline__ void ew_loop(const T* __restrict__ a, const T* __rest
 }
 
 template <typename T, int ACT>
-__global__ void bias_act_fwd_kernel(const T* x, const T* bias, T* y, int64_t n, int64_t N, Dropout d, bool vec,
-                                    const float* clip) {
+__global__ void bias_act_fwd_kernel(const T* x, const T* bias, T* y, int64_t n, int64_t N, DropoutArgs da,
+                                    bool vec, const float* clip) {
+  const Dropout d(da);
   if (clip) {
     const ChannelScale s = channel_scale(clip, 0);
     ew_loop<T>(x, bias, nullptr, y, n, N, vec, [&](int64_t i, float v, float b, float) {
@@ -74,8 +75,9 @@ __global__ void bias_act_fwd_kernel(const T* x, const T* bias, T* y, int64_t n, 
 
 // With clip: gy is the gradient of fake_quantize(y); one LSQ partial per block into clip_partials.
 template <typename T, int ACT>
-__global__ void bias_act_bwd_kernel(const T* gy, const T* x, const T* bias, T* gx, int64_t n, int64_t N, Dropout d,
-                                    bool vec, const float* clip, float* clip_partials) {
+__global__ void bias_act_bwd_kernel(const T* gy, const T* x, const T* bias, T* gx, int64_t n, int64_t N,
+                                    DropoutArgs da, bool vec, const float* clip, float* clip_partials) {
+  const Dropout d(da);
   // a = gy, c = x: gx = dropout'(gy) * act'(x + bias)
   if (clip) {
     const ChannelScale s = channel_scale(clip, 0);
@@ -95,13 +97,15 @@ __global__ void bias_act_bwd_kernel(const T* gy, const T* x, const T* bias, T* g
 
 template <typename T>
 __global__ void bias_dropout_residual_kernel(const T* x, const T* bias, const T* residual, T* y, int64_t n, int64_t N,
-                                             Dropout d, bool vec) {
+                                             DropoutArgs da, bool vec) {
+  const Dropout d(da);
   ew_loop<T>(x, bias, residual, y, n, N, vec,
              [&](int64_t i, float v, float b, float r) { return r + d.apply(v + b, i); });
 }
 
 template <typename T>
-__global__ void dropout_bwd_kernel(const T* gy, T* gx, int64_t n, Dropout d, bool vec) {
+__global__ void dropout_bwd_kernel(const T* gy, T* gx, int64_t n, DropoutArgs da, bool vec) {
+  const Dropout d(da);
   ew_loop<T>(gy, nullptr, nullptr, gx, n, 1, vec, [&](int64_t i, float g, float, float) { return d.apply(g, i); });
 }
 
@@ -118,17 +122,18 @@ int grid(int64_t n, bool vec) { return grid_for(vec ? n / Vec16<T>::N + 1 : n, k
 
 }  // namespace
 
-cudaError_t bias_act_fwd(const void* x, const void* bias, void* y, int64_t n, int64_t N, int act, int64_t seed,
-                         int64_t offset, int64_t thr, float scale, const float* clip, int dtype, cudaStream_t stream) {
+cudaError_t bias_act_fwd(const void* x, const void* bias, void* y, int64_t n, int64_t N, int act,
+                         const int64_t* seed, int64_t offset, int64_t thr, float scale, const float* clip, int dtype,
+                         cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  if (act != 0 && act != 1) return cudaErrorInvalidValue;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if ((act != 0 && act != 1) || (thr && !seed)) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(N, {x, bias, y});
     auto k = act == 0 ? bias_act_fwd_kernel<T, 0> : bias_act_fwd_kernel<T, 1>;
     k<<<grid<T>(n, vec), kThreads, 0, stream>>>(static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                static_cast<T*>(y), n, N, d, vec, clip);
+                                                static_cast<T*>(y), n, N, da, vec, clip);
   });
 }
 
@@ -136,48 +141,50 @@ cudaError_t bias_act_fwd(const void* x, const void* bias, void* y, int64_t n, in
 int bias_act_bwd_num_partials(int64_t n) { return grid_for(n / 8 + 1, kThreads); }
 
 cudaError_t bias_act_bwd(const void* gy, const void* x, const void* bias, void* gx, int64_t n, int64_t N, int act,
-                         int64_t seed, int64_t offset, int64_t thr, float scale, const float* clip,
+                         const int64_t* seed, int64_t offset, int64_t thr, float scale, const float* clip,
                          float* clip_partials, int dtype, cudaStream_t stream) {
   if (clip && !clip_partials) return cudaErrorInvalidValue;
   if (n == 0) {
     if (clip) return cudaMemsetAsync(clip_partials, 0, sizeof(float) * bias_act_bwd_num_partials(n), stream);
     return cudaSuccess;
   }
-  if (act != 0 && act != 1) return cudaErrorInvalidValue;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if ((act != 0 && act != 1) || (thr && !seed)) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(N, {gy, x, bias, gx});
     auto k = act == 0 ? bias_act_bwd_kernel<T, 0> : bias_act_bwd_kernel<T, 1>;
     k<<<bias_act_bwd_num_partials(n), kThreads, 0, stream>>>(static_cast<const T*>(gy), static_cast<const T*>(x),
                                                              static_cast<const T*>(bias), static_cast<T*>(gx), n,
-                                                             N, d, vec, clip, clip_partials);
+                                                             N, da, vec, clip, clip_partials);
   });
 }
 
 cudaError_t bias_dropout_residual_fwd(const void* x, const void* bias, const void* residual, void* y, int64_t n,
-                                      int64_t N, int64_t seed, int64_t offset, int64_t thr, float scale, int dtype,
-                                      cudaStream_t stream) {
+                                      int64_t N, const int64_t* seed, int64_t offset, int64_t thr, float scale,
+                                      int dtype, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if (thr && !seed) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(N, {x, bias, residual, y});
     bias_dropout_residual_kernel<T><<<grid<T>(n, vec), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<const T*>(residual), static_cast<T*>(y),
-        n, N, d, vec);
+        n, N, da, vec);
   });
 }
 
-cudaError_t dropout_bwd(const void* gy, void* gx, int64_t n, int64_t seed, int64_t offset, int64_t thr, float scale,
-                        int dtype, cudaStream_t stream) {
+cudaError_t dropout_bwd(const void* gy, void* gx, int64_t n, const int64_t* seed, int64_t offset, int64_t thr,
+                        float scale, int dtype, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if (thr && !seed) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(Vec16<T>::N, {gy, gx});
     dropout_bwd_kernel<T><<<grid<T>(n, vec), kThreads, 0, stream>>>(static_cast<const T*>(gy), static_cast<T*>(gx),
-                                                                   n, d, vec);
+                                                                   n, da, vec);
   });
 }
 

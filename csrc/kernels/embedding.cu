@@ -26,7 +26,9 @@ struct EmbArgs {
 
 template <typename T>
 __global__ void embedding_fwd_kernel(const int64_t* __restrict__ tokens, const T* __restrict__ table,
-                                     const T* __restrict__ pos, T* __restrict__ y, EmbArgs a, Dropout d, bool vec) {
+                                     const T* __restrict__ pos, T* __restrict__ y, EmbArgs a, DropoutArgs da,
+                                     bool vec) {
+  const Dropout d(da);
   constexpr int V = Vec16<T>::N;
   const int64_t n = a.ntok * a.H;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -62,7 +64,8 @@ __global__ void embedding_fwd_kernel(const int64_t* __restrict__ tokens, const T
 
 template <typename T>
 __global__ void embedding_bwd_kernel(const T* __restrict__ gy, const int64_t* __restrict__ tokens,
-                                     float* __restrict__ gtable, float* __restrict__ gpos, EmbArgs a, Dropout d) {
+                                     float* __restrict__ gtable, float* __restrict__ gpos, EmbArgs a, DropoutArgs da) {
+  const Dropout d(da);
   const int64_t n = a.ntok * a.H;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += stride) {
@@ -79,30 +82,34 @@ __global__ void embedding_bwd_kernel(const T* __restrict__ gy, const int64_t* __
 }  // namespace
 
 cudaError_t embedding_fwd(const int64_t* tokens, const void* table, const void* pos, void* y, int64_t ntok, int64_t H,
-                          int64_t L, int64_t start, int64_t V, int64_t P, float emb_scale, int64_t pad, int64_t seed,
-                          int64_t offset, int64_t thr, float scale, int dtype, cudaStream_t stream) {
+                          int64_t L, int64_t start, int64_t V, int64_t P, float emb_scale, int64_t pad,
+                          const int64_t* seed, int64_t offset, int64_t thr, float scale, int dtype,
+                          cudaStream_t stream) {
   if (ntok == 0 || H == 0) return cudaSuccess;
+  if (thr && !seed) return cudaErrorInvalidValue;
   const EmbArgs a{ntok, H, L, start, V, P, pad, emb_scale};
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int VN = Vec16<T>::N;
     const bool vec = H % VN == 0 && aligned(table, 16) && aligned(pos, 16) && aligned(y, 16);
     embedding_fwd_kernel<T><<<grid_for(vec ? ntok * H / VN : ntok * H, kThreads), kThreads, 0, stream>>>(
-        tokens, static_cast<const T*>(table), static_cast<const T*>(pos), static_cast<T*>(y), a, d, vec);
+        tokens, static_cast<const T*>(table), static_cast<const T*>(pos), static_cast<T*>(y), a, da, vec);
   });
 }
 
 cudaError_t embedding_bwd(const void* gy, const int64_t* tokens, float* gtable, float* gpos, int64_t ntok, int64_t H,
-                          int64_t L, int64_t start, int64_t V, int64_t P, float emb_scale, int64_t pad, int64_t seed,
-                          int64_t offset, int64_t thr, float scale, int dtype, cudaStream_t stream) {
+                          int64_t L, int64_t start, int64_t V, int64_t P, float emb_scale, int64_t pad,
+                          const int64_t* seed, int64_t offset, int64_t thr, float scale, int dtype,
+                          cudaStream_t stream) {
   if (ntok == 0 || H == 0) return cudaSuccess;
+  if (thr && !seed) return cudaErrorInvalidValue;
   const EmbArgs a{ntok, H, L, start, V, P, pad, emb_scale};
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     embedding_bwd_kernel<T><<<grid_for(ntok * H, kThreads), kThreads, 0, stream>>>(static_cast<const T*>(gy), tokens,
-                                                                                   gtable, gpos, a, d);
+                                                                                   gtable, gpos, a, da);
   });
 }
 

@@ -56,11 +56,37 @@ __host__ __device__ __forceinline__ uint32_t mix32(uint32_t x) {  // "lowbias32"
   return x;
 }
 
-struct Dropout {
-  uint32_t key;
+// The seed's key: mix(seed_lo ^ mix(seed_hi ^ 0x9e3779b9)).
+__host__ __device__ __forceinline__ uint32_t seed_key(uint64_t s) {
+  return mix32(static_cast<uint32_t>(s) ^ mix32(static_cast<uint32_t>(s >> 32) ^ 0x9e3779b9u));
+}
+
+// What a kernel is launched with. The 64-bit seed stays in device memory (an int64 tensor of one element that
+// the layer drew with torch's CUDA generator) and is read by the kernel, not by the host: a captured CUDA graph
+// then replays with the seed each replay draws anew instead of one frozen into the launch. seed may be null
+// when thr == 0 (no dropout: never read).
+struct DropoutArgs {
+  const int64_t* seed;
   uint64_t offset;
   uint32_t thr;  // round(p * 2^24); 0 = no dropout
   float scale;   // fp32(1 / (1 - p))
+};
+
+inline DropoutArgs make_dropout(const int64_t* seed, int64_t offset, int64_t thr, float scale) {
+  return DropoutArgs{seed, static_cast<uint64_t>(offset), static_cast<uint32_t>(thr), scale};
+}
+
+// The mask, once the kernel has read the seed: Dropout d(args) at the top of a kernel (one 8-byte load that
+// every thread shares through L1, and two hashes; nothing when thr == 0).
+struct Dropout {
+  uint32_t key;
+  uint64_t offset;
+  uint32_t thr;
+  float scale;
+
+  __device__ __forceinline__ explicit Dropout(const DropoutArgs& a)
+      : key(a.thr ? seed_key(static_cast<uint64_t>(__ldg(a.seed))) : 0u), offset(a.offset), thr(a.thr),
+        scale(a.scale) {}
 
   __device__ __forceinline__ bool keep(uint64_t i) const {
     const uint64_t c = offset + i;
@@ -72,16 +98,6 @@ struct Dropout {
     return keep(i) ? v * scale : 0.f;
   }
 };
-
-inline Dropout make_dropout(int64_t seed, int64_t offset, int64_t thr, float scale) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  Dropout d;
-  d.key = mix32(static_cast<uint32_t>(s) ^ mix32(static_cast<uint32_t>(s >> 32) ^ 0x9e3779b9u));
-  d.offset = static_cast<uint64_t>(offset);
-  d.thr = static_cast<uint32_t>(thr);
-  d.scale = scale;
-  return d;
-}
 
 // f(j, value as float) for every element j of a row of n values, this thread's share; 16-byte loads when vec.
 template <typename T, typename F>

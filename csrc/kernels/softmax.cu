@@ -13,7 +13,8 @@ namespace {
 template <typename T>
 __global__ void softmax_fwd_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask, T* __restrict__ probs,
                                    T* __restrict__ dropped, int64_t rows, int64_t nH, int64_t Lq, int64_t Lk,
-                                   bool causal, float sscale, Dropout d, bool vec) {
+                                   bool causal, float sscale, DropoutArgs da, bool vec) {
+  const Dropout d(da);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t i = r % Lq, b = r / Lq / nH;
     const uint8_t* mrow = mask ? mask + b * Lk : nullptr;
@@ -63,7 +64,8 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const uint8_t* __res
 
 template <typename T>
 __global__ void softmax_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ probs, T* __restrict__ gx,
-                                   int64_t rows, int64_t Lk, float sscale, Dropout d, bool vec) {
+                                   int64_t rows, int64_t Lk, float sscale, DropoutArgs da, bool vec) {
+  const Dropout d(da);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* gr = gy + r * Lk;
     const T* pr = probs + r * Lk;
@@ -87,32 +89,35 @@ bool vec_ok(int64_t n, std::initializer_list<const void*> ptrs) {
 }  // namespace
 
 cudaError_t softmax_fwd(const void* x, const uint8_t* mask, void* probs, void* dropped, int64_t B, int64_t nH,
-                        int64_t Lq, int64_t Lk, bool causal, float sscale, int64_t seed, int64_t offset, int64_t thr,
-                        float scale, int dtype, cudaStream_t stream) {
+                        int64_t Lq, int64_t Lk, bool causal, float sscale, const int64_t* seed, int64_t offset,
+                        int64_t thr, float scale, int dtype, cudaStream_t stream) {
   const int64_t rows = B * nH * Lq;
   if (rows == 0 || Lk == 0) return cudaSuccess;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if (thr && !seed) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(Lk, {x, probs, thr ? dropped : nullptr});
     const int threads = row_threads(vec ? Lk / Vec16<T>::N : Lk, 256);
     softmax_fwd_kernel<T><<<row_grid(rows), threads, 0, stream>>>(
         static_cast<const T*>(x), mask, static_cast<T*>(probs), static_cast<T*>(dropped), rows, nH, Lq, Lk, causal,
-        sscale, d, vec);
+        sscale, da, vec);
   });
 }
 
 cudaError_t softmax_bwd(const void* gy, const void* probs, void* gx, int64_t rows, int64_t Lk, float sscale,
-                        int64_t seed, int64_t offset, int64_t thr, float scale, int dtype, cudaStream_t stream) {
+                        const int64_t* seed, int64_t offset, int64_t thr, float scale, int dtype,
+                        cudaStream_t stream) {
   if (rows == 0 || Lk == 0) return cudaSuccess;
-  const Dropout d = make_dropout(seed, offset, thr, scale);
+  if (thr && !seed) return cudaErrorInvalidValue;
+  const DropoutArgs da = make_dropout(seed, offset, thr, scale);
   return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(Lk, {gy, probs, gx});
     const int threads = row_threads(vec ? Lk / Vec16<T>::N : Lk, 256);
     softmax_bwd_kernel<T><<<row_grid(rows), threads, 0, stream>>>(static_cast<const T*>(gy),
                                                                   static_cast<const T*>(probs), static_cast<T*>(gx),
-                                                                  rows, Lk, sscale, d, vec);
+                                                                  rows, Lk, sscale, da, vec);
   });
 }
 

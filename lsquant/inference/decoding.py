@@ -1,11 +1,28 @@
 """Decoding algorithms shared by the PyTorch models and the engines: one copy, so the model's own decoding
 and an engine built from its export pick tokens by exactly the same rules.
 
+Every step runs on the device without a host sync: the search state (live beams, finished hypotheses, scores,
+the current position) lives in device tensors of static shape, updated in place by ``update(logits)``, so an
+engine can capture the model step and the update together in one CUDA graph. The host only asks "are all
+sentences done?" every ``CHECK_EVERY`` steps; the steps run after a sentence is done change nothing (a done
+sentence takes no new hypothesis, a done row of greedy or sampling emits pad), so results do not depend on
+when the check happens.
+
 A decoder is any object with
-    step(tokens: LongTensor [N], t: int) -> logits FloatTensor [N, vocab]   (tokens: the previous token of each
-        row, t: its position, 0 for the <s> that starts every row)
-    reorder(rows: LongTensor [N]) -> None   (row i of every cached state becomes old row rows[i])
+    step(tokens: LongTensor [N], t: int, rows: LongTensor [N] | None) -> logits FloatTensor [N, vocab]
+        tokens: the previous token of each row; t: its position, 0 for the <s> that starts every row; rows:
+        first, row i of every cached state becomes old row rows[i] (the beam reorder), None: no reorder
 where N = batch * beams (beams = 1 for greedy and sampling), row b * beams + k holds beam k of sentence b.
+A decoder may also define
+    advance(search, t: int) -> None: the step and the search update together, which an engine captures in one
+        CUDA graph per ``search.key`` (a hashable that fixes every shape and constant of ``update``): reorder
+        the cached rows by ``search.rows`` (int64 [N], when ``search.reorders``; the identity at t = 0), run the
+        step on ``search.tokens`` (int64 [N]) at position t (on the device: ``search.t``, int64 [1]), then call
+        ``search.update(logits [N, V])``; ``search.batch`` and ``search.beams`` give N = batch * beams
+    buffer(name: str, shape: tuple, dtype) -> Tensor: persistent storage for the search state (the same tensor
+        for the same name, shape and dtype), so a captured graph finds the state of every later request at
+        the same addresses; contents on return are undefined
+    max_steps: int: the time dimension of the state buffers (>= max_len; default max_len)
 
 pad and bos are never generated. All return (tokens [batch, beams, T] int64, padded with pad after </s>, without the leading <s>;
 scores [batch, beams] fp32, best first). Scores are sums of log-probabilities divided by length ** alpha
@@ -16,51 +33,209 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-
-def _pad_results(seqs: list[list[list[int]]], pad: int, device) -> torch.Tensor:
-    B, K = len(seqs), len(seqs[0])
-    T = max(1, max(len(s) for beams in seqs for s in beams))
-    out = torch.full((B, K, T), pad, dtype=torch.long)
-    for b, beams in enumerate(seqs):
-        for k, s in enumerate(beams):
-            out[b, k, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device)
+NEG_INF = float("-inf")
+# How often the host checks whether every sentence is done (a device -> host sync that drains the queue):
+# every step would stall the GPU once per token; after a sentence is done at most CHECK_EVERY - 1 extra steps
+# run, each changing nothing.
+CHECK_EVERY = 4
 
 
-def _log_probs(logits: torch.Tensor, t: int, max_len: int, eos: int, banned: tuple[int, ...] = (),
-               min_len: int = 0) -> torch.Tensor:
-    """log-softmax in fp32; tokens in `banned` (pad and bos: never generated) get -inf, and so does </s> before
-    position min_len - 1 (outputs of at least min_len tokens, </s> included)."""
+def _alloc(decoder, device):
+    buf = getattr(decoder, "buffer", None)
+    if buf is not None:
+        return buf
+    return lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+
+
+def log_probs(logits: torch.Tensor, t: torch.Tensor, limits: torch.Tensor, eos: int,
+              banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """log-softmax in fp32 [N, V]; tokens in `banned` (pad and bos: never generated) get -inf, and so does </s>
+    before position min_len - 1 (outputs of at least min_len tokens, </s> included); at position max_len - 1
+    only </s> may follow, so every row ends. t: int64 [1] (the position); limits: int64 [2] = (min_len,
+    max_len), both on the device (no host sync: one captured graph serves every position and request)."""
     lp = F.log_softmax(logits.float(), dim=-1)
-    if banned:
-        lp[:, list(banned)] = float("-inf")
-    if t < min_len - 1:
-        lp[:, eos] = float("-inf")
-    if t == max_len - 1:  # the last position: only </s> may follow, so every row ends
-        forced = torch.full_like(lp, float("-inf"))
-        forced[:, eos] = 0.0
-        lp = forced
+    for i in banned:
+        lp[:, i] = NEG_INF
+    last = t == limits[1] - 1                                                   # [1] bool
+    eos_lp = torch.where(last, 0.0, torch.where(t < limits[0] - 1, NEG_INF, lp[:, eos]))
+    lp.masked_fill_(last, NEG_INF)      # in place: no second [N, V] tensor per step
+    lp[:, eos] = eos_lp
     return lp
 
 
-def _one_path(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, device, min_len: int,
-              choose, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One hypothesis per sentence; choose(log_probs [B, V]) -> next tokens [B]. The score is the sum of the
-    chosen tokens' log-probabilities (after temperature), unnormalised."""
-    last = torch.full((batch,), bos, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    scores = torch.zeros(batch, dtype=torch.float32, device=device)
-    out = []
-    for t in range(max_len):
-        lp = _log_probs(decoder.step(last, t).float() / temperature, t, max_len, eos, (pad, bos), min_len)
-        tok = torch.where(done, torch.full((batch,), pad, dtype=torch.long, device=device), choose(lp))
-        scores = scores + torch.where(done, torch.zeros_like(scores), lp.gather(1, tok.clamp(min=0)[:, None])[:, 0])
-        out.append(tok)
-        done = done | (tok == eos)
-        last = torch.where(tok == pad, torch.full_like(tok, eos), tok)
-        if bool(done.all()):
+class _Search:
+    """The state of one decoding request in device tensors of static shape (see the module docstring)."""
+
+    reorders = False
+
+    def __init__(self, decoder, batch: int, beams: int, bos: int, eos: int, pad: int, max_len: int, min_len: int,
+                 device):
+        self.L = int(getattr(decoder, "max_steps", None) or max_len)
+        if self.L < max_len:
+            raise ValueError(f"max_len {max_len} is over the decoder's {self.L} steps")
+        self.batch, self.beams, self.N = batch, beams, batch * beams
+        self.bos, self.eos, self.pad, self.max_len = bos, eos, pad, max_len
+        self.banned = tuple(sorted({pad, bos}))
+        a = self.alloc = _alloc(decoder, device)
+        self.t = a("t", (1,), torch.long).zero_()
+        self.limits = a("limits", (2,), torch.long)
+        self.limits[0].fill_(min_len)
+        self.limits[1].fill_(max_len)
+        self.tokens = a("tokens", (self.N,), torch.long).fill_(bos)
+        self.rows = None
+
+    def rows_for(self, t: int):
+        return self.rows if self.reorders and t > 0 else None
+
+
+class _PathSearch(_Search):
+    """Greedy decoding and sampling: one hypothesis per sentence. The score is the sum of the chosen tokens'
+    log-probabilities (after temperature), unnormalised."""
+
+    def __init__(self, decoder, batch, bos, eos, pad, max_len, min_len, device, sample=None):
+        super().__init__(decoder, batch, 1, bos, eos, pad, max_len, min_len, device)
+        a, B, L = self.alloc, batch, self.L
+        self.done = a("done", (B,), torch.bool).zero_()
+        self.scores = a("scores", (B,), torch.float32).zero_()
+        self.out = a("out", (B, L), torch.long).fill_(pad)
+        self.steps = a("steps", (1,), torch.long).zero_()   # steps the reference loop would have run
+        self.sample = sample
+        if sample is None:
+            self.temperature = 1.0
+            self.key = ("greedy", B, L, bos, eos, pad)
+        else:
+            top_k, top_p, temperature, seed = sample
+            self.temperature = temperature
+            self.key = ("sample", B, L, bos, eos, pad, top_k, top_p, temperature)
+            # all uniforms drawn up front from a CPU generator (the same numbers, in the same order, as one
+            # draw of B per step: the CPU generator fills serially) and moved to the device once
+            gen = torch.Generator().manual_seed(seed)
+            self.u = a("uniforms", (L, B), torch.float64)
+            self.u.copy_(torch.rand(L, B, generator=gen, dtype=torch.float64))
+
+    def _choose(self, lp: torch.Tensor) -> torch.Tensor:
+        if self.sample is None:
+            return lp.argmax(dim=-1)   # ties: the lowest token id, as torch.argmax
+        top_k, top_p = self.sample[:2]
+        filt = lp.clone()
+        if top_k:
+            kth = filt.topk(min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
+            filt.masked_fill_(filt < kth, NEG_INF)
+        if top_p < 1.0:
+            sorted_lp, order = filt.sort(dim=-1, descending=True)
+            p = sorted_lp.softmax(dim=-1)
+            sorted_lp.masked_fill_(p.cumsum(dim=-1) - p >= top_p, NEG_INF)   # the smallest prefix reaching top_p
+            filt = torch.full_like(filt, NEG_INF).scatter(1, order, sorted_lp)
+        probs = filt.softmax(dim=-1)
+        u = self.u.index_select(0, self.t).reshape(-1, 1)
+        # inverse CDF in fp64 (on CUDA the scan's summation order differs from a sequential sum by a few fp64
+        # ulps: a token changes only if u falls within ~1e-16 of a boundary)
+        return (probs.double().cumsum(dim=-1) < u).sum(dim=-1).clamp(max=probs.shape[-1] - 1)
+
+    def update(self, logits: torch.Tensor) -> None:
+        """logits [B, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes)."""
+        t, pad, eos = self.t, self.pad, self.eos
+        lp = log_probs(logits.float() / self.temperature, t, self.limits, eos, self.banned)
+        tok = torch.where(self.done, pad, self._choose(lp))
+        self.scores.add_(torch.where(self.done, 0.0, lp.gather(1, tok.clamp(min=0)[:, None])[:, 0]))
+        self.steps.add_((~self.done).any().long())
+        self.out.index_copy_(1, t, tok[:, None])
+        self.done.logical_or_(tok == eos)
+        self.tokens.copy_(torch.where(tok == pad, eos, tok))
+        t.add_(1)
+
+    def finished(self) -> bool:
+        return bool(self.done.all())
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        T = int(self.steps)
+        return self.out[:, None, :T].clone(), self.scores[:, None].clone()
+
+
+class _BeamSearch(_Search):
+    """Beam search state: live beams (scores [B, K], token rows [N, L]) and the K best finished hypotheses of
+    each sentence (normalised scores in fp64 [B, K], -inf = empty; token rows [B, K, L]; how many finished)."""
+
+    reorders = True
+
+    def __init__(self, decoder, batch, beams, bos, eos, pad, max_len, min_len, device, length_penalty):
+        B, K = batch, beams
+        super().__init__(decoder, B, K, bos, eos, pad, max_len, min_len, device)
+        a, L = self.alloc, self.L
+        self.B, self.K, self.key = B, K, ("beam", B, K, L, bos, eos, pad)
+        self.rows = a("rows", (B * K,), torch.long)
+        torch.arange(B * K, out=self.rows)
+        self.base = a("base", (B, 1), torch.long)
+        torch.arange(0, B * K, K, out=self.base[:, 0])
+        self.scores = a("scores", (B, K), torch.float32).zero_()
+        self.scores[:, 1:] = NEG_INF   # all beams start identical: expand only the first
+        self.seqs = a("seqs", (B * K, L), torch.long).fill_(pad)
+        self.fin_scores = a("fin_scores", (B, K), torch.float64).fill_(NEG_INF)
+        self.fin_tokens = a("fin_tokens", (B, K, L), torch.long).fill_(pad)
+        self.fin_tokens[:, :, 0] = eos   # an empty slot reads (-inf, [</s>])
+        self.count = a("count", (B,), torch.long).zero_()
+        # length ** alpha per position, computed by Python's float pow once (what the fp64 division expects)
+        self.norm = a("norm", (L,), torch.float64)
+        self.norm.copy_(torch.tensor([(t + 1) ** length_penalty for t in range(L)], dtype=torch.float64))
+
+    def update(self, logits: torch.Tensor) -> None:
+        """logits [N, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes).
+
+        The 2K best (beam, token) extensions of each sentence are ranked; those among the first K ranks that
+        end in </s> finish (if the sentence has fewer than K finished hypotheses at the start of the step),
+        and the K best that do not end continue. Finished hypotheses are merged by a stable sort on the fp64
+        normalised score: ties keep the order of finishing (earlier step first, then better rank), which is
+        the order of a stable sort of all finished hypotheses by score, kept to the K best."""
+        B, K, N, t, eos = self.B, self.K, self.N, self.t, self.eos
+        lp = log_probs(logits, t, self.limits, eos, self.banned)   # [N, V]
+        V = lp.shape[-1]
+        cand = (self.scores.reshape(N, 1) + lp).reshape(B, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)                  # [B, 2K], best first
+        beam_i, tok = top_i // V, top_i % V
+        is_eos = tok == eos
+        # finish: </s> among the first K ranks, finite, in a sentence still open
+        J = min(K, top_s.shape[1])
+        s_j = top_s[:, :J]
+        new_ok = is_eos[:, :J] & (s_j > NEG_INF) & (self.count < K)[:, None]
+        new_s = torch.where(new_ok, s_j.double() / self.norm.index_select(0, t), NEG_INF)
+        new_tok = self.seqs.index_select(0, (self.base + beam_i[:, :J]).reshape(-1)).index_fill_(1, t, eos)
+        all_s = torch.cat([self.fin_scores, new_s], dim=1)                  # [B, K + J]: old slots first
+        all_tok = torch.cat([self.fin_tokens, new_tok.reshape(B, J, self.L)], dim=1)
+        best = all_s.sort(dim=1, descending=True, stable=True).indices[:, :K]
+        self.fin_scores.copy_(all_s.gather(1, best))
+        self.fin_tokens.copy_(all_tok.gather(1, best[:, :, None].expand(B, K, self.L)))
+        self.count.add_(new_ok.sum(dim=1))
+        # the K best continuations that do not end here (stable: ties keep the topk order)
+        masked = top_s.masked_fill(is_eos, NEG_INF)
+        keep = masked.topk(K, dim=1).indices.sort(dim=1).values            # [B, K], in rank order
+        self.scores.copy_(masked.gather(1, keep))
+        rows = (self.base + beam_i.gather(1, keep)).reshape(N)
+        nxt = tok.gather(1, keep).reshape(N)
+        self.seqs.copy_(self.seqs.index_select(0, rows))
+        self.seqs.index_copy_(1, t, nxt[:, None])
+        self.rows.copy_(rows)
+        self.tokens.copy_(nxt)
+        t.add_(1)
+
+    def finished(self) -> bool:
+        return bool((self.count >= self.K).all())
+
+    def results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # finished hypotheses hold no pad before their </s> (pad is never generated), so length = non-pad count
+        T = max(1, int((self.fin_tokens != self.pad).sum(dim=-1).max()))
+        return self.fin_tokens[:, :, :T].clone(), self.fin_scores.float()
+
+
+def _run(decoder, search: _Search) -> tuple[torch.Tensor, torch.Tensor]:
+    advance = getattr(decoder, "advance", None)
+    for t in range(search.max_len):
+        if advance is not None:
+            advance(search, t)
+        else:
+            search.update(decoder.step(search.tokens, t, search.rows_for(t)))
+        if (t + 1) % CHECK_EVERY == 0 and t + 1 < search.max_len and search.finished():
             break
-    return torch.stack(out, dim=1)[:, None, :], scores[:, None]
+    return search.results()
 
 
 @torch.no_grad()
@@ -68,7 +243,7 @@ def greedy(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
            min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Argmax at every step (ties: the lowest token id, as torch.argmax). -> tokens [B, 1, T], scores [B, 1]
     (the unnormalised sum of log-probabilities)."""
-    return _one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, lambda lp: lp.argmax(dim=-1))
+    return _run(decoder, _PathSearch(decoder, batch, bos, eos, pad, max_len, min_len, device))
 
 
 @torch.no_grad()
@@ -78,23 +253,9 @@ def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
     draws the uniforms, so CPU and GPU runs draw the same numbers). -> tokens [B, 1, T], scores [B, 1]."""
     if top_k < 0 or not 0.0 < top_p <= 1.0 or not temperature > 0:
         raise ValueError(f"need top_k >= 0, 0 < top_p <= 1, temperature > 0; got {top_k}, {top_p}, {temperature}")
-    gen = torch.Generator().manual_seed(seed)
-
-    def choose(lp: torch.Tensor) -> torch.Tensor:
-        filt = lp.clone()
-        if top_k:
-            kth = filt.topk(min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
-            filt[filt < kth] = float("-inf")
-        if top_p < 1.0:
-            sorted_lp, order = filt.sort(dim=-1, descending=True)
-            p = sorted_lp.softmax(dim=-1)
-            sorted_lp[p.cumsum(dim=-1) - p >= top_p] = float("-inf")   # keep the smallest prefix reaching top_p
-            filt = torch.full_like(filt, float("-inf")).scatter(1, order, sorted_lp)
-        probs = filt.softmax(dim=-1).cpu()
-        u = torch.rand(batch, 1, generator=gen, dtype=torch.float64)
-        return (probs.double().cumsum(dim=-1) < u).sum(dim=-1).clamp(max=probs.shape[-1] - 1).to(lp.device)
-
-    return _one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, choose, temperature)
+    search = _PathSearch(decoder, batch, bos, eos, pad, max_len, min_len, device,
+                         sample=(int(top_k), float(top_p), float(temperature), seed))
+    return _run(decoder, search)
 
 
 @torch.no_grad()
@@ -103,68 +264,34 @@ def beam_search(decoder, batch: int, beams: int, bos: int, eos: int, pad: int, m
     """Beam search. At each step the 2 * beams best (beam, token) extensions of each sentence are ranked;
     those among the first `beams` that end in </s> are finished (score / length ** length_penalty), and the
     `beams` best that do not end continue. A sentence is done once it has `beams` finished hypotheses (the
-    early stop of fairseq). -> tokens [B, beams, T], scores [B, beams]."""
-    K, N = beams, batch * beams
-    seqs = torch.full((N, max_len), pad, dtype=torch.long, device=device)
-    last = torch.full((N,), bos, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, K, dtype=torch.float32, device=device)
-    scores[:, 1:] = float("-inf")   # all beams start identical: expand only the first
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    base = (torch.arange(batch, device=device) * K)[:, None]
-    for t in range(max_len):
-        lp = _log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)  # [N, V]
-        V = lp.shape[-1]
-        cand = (scores.reshape(N, 1) + lp).reshape(batch, K * V)
-        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)                  # [B, 2K], best first
-        beam_i, tok = top_i // V, top_i % V
-        is_eos = tok == eos
-        cpu_s, cpu_b, cpu_eos = top_s.cpu(), beam_i.cpu(), is_eos.cpu()
-        for b in range(batch):
-            if len(finished[b]) >= K:
-                continue
-            for j in range(min(K, top_s.shape[1])):
-                if cpu_eos[b, j] and cpu_s[b, j] > float("-inf"):
-                    row = b * K + int(cpu_b[b, j])
-                    hyp = seqs[row, :t].tolist() + [eos]
-                    finished[b].append((float(cpu_s[b, j]) / (t + 1) ** length_penalty, hyp))
-        if all(len(f) >= K for f in finished):
-            break
-        # the K best continuations that do not end here (stable: ties keep the topk order)
-        masked = top_s.masked_fill(is_eos, float("-inf"))
-        keep = masked.topk(K, dim=1).indices.sort(dim=1).values            # [B, K], in rank order
-        new_scores = masked.gather(1, keep)
-        rows = (base + beam_i.gather(1, keep)).reshape(N)
-        new_tok = tok.gather(1, keep).reshape(N)
-        seqs = seqs.index_select(0, rows)
-        seqs[:, t] = new_tok
-        decoder.reorder(rows)
-        scores = new_scores
-        last = new_tok
-    results, result_scores = [], []
-    for b in range(batch):
-        hyps = sorted(finished[b], key=lambda h: -h[0])[:K]
-        while len(hyps) < K:   # only when the vocabulary is too small to fill K beams
-            hyps.append((float("-inf"), [eos]))
-        results.append([h[1] for h in hyps])
-        result_scores.append([h[0] for h in hyps])
-    return _pad_results(results, pad, device), torch.tensor(result_scores, dtype=torch.float32, device=device)
+    early stop of fairseq). Equal finished scores keep the order in which they finished. -> tokens
+    [B, beams, T], scores [B, beams] (-inf with tokens [</s>] where the vocabulary is too small to fill the
+    beams)."""
+    return _run(decoder, _BeamSearch(decoder, batch, beams, bos, eos, pad, max_len, min_len, device,
+                                     length_penalty))
+
+
+def repeat_rows(x: torch.Tensor, beams: int) -> torch.Tensor:
+    """x (B, ...) -> (B * beams, ...), row b * beams + k = x[b]: the rows of beam search."""
+    if beams == 1:
+        return x
+    return x.index_select(0, torch.arange(x.shape[0], device=x.device).repeat_interleave(beams))
 
 
 def generate(make_decoder, encoder_out: torch.Tensor, src_mask: torch.Tensor, *, method: str, beam_size: int,
              length_penalty: float, bos: int, eos: int, pad: int, max_len: int, min_len: int = 0, top_k: int = 0,
              top_p: float = 1.0, temperature: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on method ("beam", "greedy", "sample") for a model or an engine: make_decoder(encoder_out,
-    src_mask) builds its step/reorder object; for beam search each sentence's rows are repeated beam_size
-    times first. encoder_out: (B, S, H); src_mask: (B, S) bool, True = padding."""
+    src_mask, beams) builds its decoder over batch * beams rows (row b * beams + k reads sentence b: see
+    repeat_rows). encoder_out: (B, S, H); src_mask: (B, S) bool, True = padding."""
     B, device = encoder_out.shape[0], encoder_out.device
     common = dict(bos=bos, eos=eos, pad=pad, max_len=max_len, device=device, min_len=min_len)
     if method == "greedy":
-        return greedy(make_decoder(encoder_out, src_mask), B, **common)
+        return greedy(make_decoder(encoder_out, src_mask, 1), B, **common)
     if method == "sample":
-        return sample(make_decoder(encoder_out, src_mask), B, top_k=top_k, top_p=top_p, temperature=temperature,
+        return sample(make_decoder(encoder_out, src_mask, 1), B, top_k=top_k, top_p=top_p, temperature=temperature,
                       seed=seed, **common)
     if method != "beam":
         raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")
-    rows = torch.arange(B, device=device).repeat_interleave(beam_size)
-    dec = make_decoder(encoder_out.index_select(0, rows), src_mask.index_select(0, rows))
-    return beam_search(dec, B, beam_size, length_penalty=length_penalty, **common)
+    return beam_search(make_decoder(encoder_out, src_mask, beam_size), B, beam_size, length_penalty=length_penalty,
+                       **common)

@@ -9,8 +9,15 @@ LayerNorm, softmax and residuals run in the engine's float dtype (fp16 on CUDA, 
 reference ops give the exact semantics). Decoding uses lsquant.inference.decoding, the code the PyTorch
 model decodes with.
 
-Buffers: the K/V caches (max_batch_size * beams rows, max_seq_len positions) are allocated once, at
-construction, and reused by every request.
+Decoding runs a static step: every buffer is allocated once, at construction (the self-attention K/V caches
+for max_batch_size * beams rows and max_tgt_len positions, the cross-attention K/V for max_batch_size
+sentences and max_src_len positions, shared by the beams of a sentence) or on the first request of its shape
+(the search state of lsquant.inference.decoding), and a step reads the position from a device tensor. It
+attends over a cache-length bucket (16, 32, 64, ... up to max_tgt_len; keys beyond the position are masked)
+and over a source-length bucket, reorders the beams' cache rows by their parents, and ends with the output
+projection and the search update (log-softmax, top-k, finished hypotheses). So one step program serves every
+position inside a bucket: on CUDA it is captured once per (search shape, source bucket, cache bucket) in a
+CUDA graph and replayed; on the CPU the same code runs eagerly. An engine serves one request at a time.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from torch.nn import functional as F
 
 from lsquant import ops
 from lsquant.layers.embedding import sinusoidal_positions
+from lsquant.ops.dropout import acc
 
 from . import decoding
 from .gemm import Int8Linear
@@ -59,11 +67,41 @@ class _Linear:
         return y
 
 
+class _Table:
+    """An embedding table and its positions (P, H). int8: rows int8 (V, H) with per-row clips (V,), dequantized
+    per looked-up row into the engine dtype: exactly the rows of the fake-quantized table QAT looks up,
+    without a float copy of the table on the device (the int8 rows also serve the output projection); float:
+    rows (V, H) in the engine dtype, clip None."""
+
+    def __init__(self, rows: torch.Tensor, clip: torch.Tensor | None, pos: torch.Tensor, dtype: torch.dtype):
+        self.rows, self.pos, self.dtype = rows, pos, dtype
+        self.clip = None if clip is None else clip.float().reshape(-1).expand(rows.shape[0]).contiguous()
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids int64 (n,) -> (n, H) in the engine dtype."""
+        if self.clip is None:
+            return self.rows.index_select(0, ids)
+        return ops.dequantize(self.rows.index_select(0, ids), self.clip.index_select(0, ids), 0, self.dtype)
+
+
+def _bucket(n: int, cap: int) -> int:
+    """The attention length that serves n positions: 16, 32, 64, ... (at least n), at most cap."""
+    b = 16
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
 class _Engine:
     precision = ""
 
     def __init__(self, path: str | os.PathLike, max_batch_size: int, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, beam_size: int | None = None):
+                 dtype: torch.dtype | None = None, beam_size: int | None = None, max_tgt_len: int | None = None,
+                 max_src_len: int | None = None, cuda_graph: bool = True):
+        """path: an exported HDF5 file; max_batch_size: sentences per request; beam_size: the largest beam
+        (default: the file's); max_tgt_len / max_src_len: the longest output (tokens, </s> included) and source
+        the buffers hold (default: the model's max_seq_len; smaller values save memory); cuda_graph: capture
+        the decoder step in CUDA graphs (ignored on the CPU)."""
         from lsquant.export.transformer import read_transformer
         from lsquant.models.transformer import TransformerConfig
 
@@ -75,20 +113,35 @@ class _Engine:
             raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.path, self.file = path, mf
         self.cfg = c = TransformerConfig.from_dict(mf.config)
+        for name, v in (("max_tgt_len", max_tgt_len), ("max_src_len", max_src_len)):
+            if v is not None and (not isinstance(v, int) or not 1 <= v <= c.max_seq_len):
+                raise ValueError(f"{name} must be an int in [1, {c.max_seq_len}] (the model's max_seq_len), got {v!r}")
+        if beam_size is not None and (not isinstance(beam_size, int) or beam_size < 1):
+            raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.max_batch_size = max_batch_size
+        self.max_tgt_len = max_tgt_len or c.max_seq_len
+        self.max_src_len = max_src_len or c.max_seq_len
         self.beam_size = beam_size or int(mf.decoding.get("beam_size", c.beam_size))
         self.length_penalty = float(mf.decoding.get("length_penalty", c.length_penalty))
         sp = mf.special_tokens
         self.pad, self.bos, self.eos = int(sp["pad"]), int(sp["bos"]), int(sp["eos"])
         self._load(mf.tensors)
-        # K/V caches for every decoder layer, allocated once for the largest request
-        rows, nH, D = max_batch_size * self.beam_size, c.nhead, c.hidden_size // c.nhead
+        rows, nL, nH, D = max_batch_size * self.beam_size, c.num_decoder_layers, c.nhead, c.hidden_size // c.nhead
         kv_dtype = torch.int8 if self.int8 else self.dtype
-        shape = (rows, nH, c.max_seq_len, D)
-        self.k_cache = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_decoder_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_decoder_layers)]
+        # [layer, K or V, row, head, position, head_dim]: a layer's K and V side by side, so that one kernel
+        # reorders, writes or dequantizes both; zeros: positions beyond a request's are masked, and a masked key
+        # must still be finite (0 * inf would be NaN)
+        self.self_kv = torch.zeros((nL, 2, rows, nH, self.max_tgt_len, D), dtype=kv_dtype, device=self.device)
+        self.cross_kv = torch.zeros((2, nL, max_batch_size, nH, self.max_src_len, D), dtype=self.dtype,
+                                    device=self.device)
+        self.cross_mask = torch.ones((max_batch_size, self.max_src_len), dtype=torch.bool, device=self.device)
+        self._emb_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32)   # a host scalar, as embedding_ref
+        self._state: dict = {}     # decoding state buffers, (name, shape, dtype) -> tensor
+        self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self._graphs: dict = {}    # (search key, source bucket, cache bucket) -> torch.cuda.CUDAGraph
+        self._pool = self._stream = None
 
     @property
     def int8(self) -> bool:
@@ -103,18 +156,18 @@ class _Engine:
         self.tables = {}
         for emb in ("src_embedding", "tgt_embedding"):
             key = emb if f"{emb}/table" in t else "src_embedding"
+            if key != emb:   # shared embeddings: one table on the device
+                self.tables[emb] = self.tables[key]
+                continue
             table = torch.as_tensor(t[f"{key}/table"]).to(dev)
-            if q:
-                clip = torch.as_tensor(t[f"{key}/table_clip"]).to(dev)
-                proj = Int8Linear(table, w_clip=clip, x_clip=torch.as_tensor(t["output_projection/input_clip"]).to(dev),
-                                  out_dtype=dt) if emb == "tgt_embedding" else None
-                table = ops.dequantize(table, clip, 0, dt)   # the fake-quantized table QAT looked rows up in
-            else:
-                table, proj = table.to(dt), None
+            clip = torch.as_tensor(t[f"{key}/table_clip"]).to(dev) if q else None
             pos = self._f(t, f"{key}/pos") if c.learned_pos else sinusoidal_positions(c.max_seq_len, c.hidden_size).to(dev, dt)
-            self.tables[emb] = (table, pos, proj)
+            self.tables[emb] = _Table(table if q else table.to(dt), clip, pos, dt)
+        self.proj = None
         if q:
+            tgt = self.tables["tgt_embedding"]
             self.proj_clip = torch.as_tensor(t["output_projection/input_clip"]).to(dev)
+            self.proj = Int8Linear(tgt.rows, w_clip=tgt.clip, x_clip=self.proj_clip, out_dtype=dt)
         self.enc, self.dec = [], []
         for stack, n, names, out in (("encoder", c.num_encoder_layers, _ENC, self.enc),
                                      ("decoder", c.num_decoder_layers, _DEC, self.dec)):
@@ -131,8 +184,10 @@ class _Engine:
                     if f"{base}/{ln}/weight" in t:
                         L[ln] = (self._f(t, f"{base}/{ln}/weight"), self._f(t, f"{base}/{ln}/bias"))
                 if q and stack == "decoder":
-                    L["k_clip"] = torch.as_tensor(t[f"{base}/k_clip"]).to(dev)
-                    L["v_clip"] = torch.as_tensor(t[f"{base}/v_clip"]).to(dev)
+                    # the K and V clips as the two channels of one per-channel clip (one quantize, one
+                    # dequantize for both; per element the same arithmetic as two per-tensor calls)
+                    L["kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/{n}_clip"]).reshape(())
+                                                for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
                 out.append(L)
         self.norms = {s: (self._f(t, f"{s}_norm/weight"), self._f(t, f"{s}_norm/bias"))
                       for s in ("encoder", "decoder") if c.pre_layer_norm}
@@ -141,10 +196,16 @@ class _Engine:
     def _ln(self, x, wb):
         return ops.layer_norm(x, wb[0], wb[1], 1e-5)
 
-    def _embed(self, which: str, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        table, pos, _ = self.tables[which]
-        scale = self.cfg.hidden_size ** 0.5
-        return ops.embedding(tokens, table, pos, scale, self.pad, start)
+    def _embed(self, which: str, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) from position 0 -> (B, L, H) (the encoder's input)."""
+        tab, scale = self.tables[which], self.cfg.hidden_size ** 0.5
+        if tab.clip is None:
+            return ops.embedding(tokens, tab.rows, tab.pos, scale, self.pad)
+        # int8: the fused kernel over the request's dequantized rows (row i for token i), pads zeroed after
+        B, L = tokens.shape
+        rows = tab.lookup(tokens.reshape(-1))
+        idx = torch.arange(B * L, device=tokens.device).view(B, L)
+        return ops.embedding(idx, rows, tab.pos, scale, None).masked_fill((tokens == self.pad)[..., None], 0.0)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, L, H = t.shape
@@ -179,59 +240,130 @@ class _Engine:
             x = self._ln(x, self.norms["encoder"])
         return x, mask
 
+    # -- the static decoder step -------------------------------------------------------------------------------
     class _Decoder:
-        """step/reorder over the engine's preallocated K/V caches (rows 0..N-1 in use)."""
+        """The decoder of lsquant.inference.decoding over the engine's buffers: ``advance(search, t)`` runs one
+        static step (a CUDA graph replay on CUDA). enc (B, S, H), mask (B, S): the request's encoder output;
+        rows b * beams + k decode sentence b."""
 
-        def __init__(self, eng: "_Engine", enc: torch.Tensor, mask: torch.Tensor):
-            self.e, self.mask, self.N = eng, mask, enc.shape[0]
-            self.cross = []
-            for L in eng.dec:   # cross-attention K/V once per request
-                k, v = (eng._heads(t) for t in L["cross_kv"](enc).chunk(2, dim=-1))
-                self.cross.append((k, v))
+        def __init__(self, eng: "_Engine", enc: torch.Tensor, mask: torch.Tensor, beams: int):
+            self.e, self.max_steps = eng, eng.max_tgt_len
+            self.src_bucket = _bucket(enc.shape[1], eng.max_src_len)
+            eng._fill_cross(enc, mask, self.src_bucket)
 
-        def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
-            e, N = self.e, self.N
-            x = e._embed("tgt_embedding", tokens[:, None], start=t)
-            for i, L in enumerate(e.dec):
-                def self_attn(h, i=i, L=L):
-                    q, k, v = (e._heads(u) for u in L["qkv"](h).chunk(3, dim=-1))
-                    kc, vc = e.k_cache[i], e.v_cache[i]
-                    if e.int8:
-                        kc[:N, :, t:t + 1] = ops.quantize(k, L["k_clip"])
-                        vc[:N, :, t:t + 1] = ops.quantize(v, L["v_clip"])
-                        K = ops.dequantize(kc[:N, :, :t + 1].contiguous(), L["k_clip"], None, e.dtype)
-                        V = ops.dequantize(vc[:N, :, :t + 1].contiguous(), L["v_clip"], None, e.dtype)
-                    else:
-                        kc[:N, :, t:t + 1], vc[:N, :, t:t + 1] = k, v
-                        K, V = kc[:N, :, :t + 1], vc[:N, :, :t + 1]
-                    return L["attn_out"](e._attend(q, K, V, None, False))
+        def buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+            return self.e._buffer(name, shape, dtype)
 
-                def cross_attn(h, i=i, L=L):
-                    q = e._heads(L["cross_q"](h))
-                    return L["cross_out"](e._attend(q, *self.cross[i], self.mask, False))
+        def advance(self, search, t: int) -> None:
+            self.e._advance(search, t, self.src_bucket)
 
-                x = e._sublayer(x, L, "attn_ln", self_attn)
-                x = e._sublayer(x, L, "cross_ln", cross_attn)
-                x = e._sublayer(x, L, "ffn_ln", e._ffn(L))
-                self.t = t
-            if e.cfg.pre_layer_norm:
-                x = e._ln(x, e.norms["decoder"])
-            return e._project(x)[:, 0]
+    def _buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        key = (name, tuple(shape), dtype)
+        buf = self._state.get(key)
+        if buf is None:
+            buf = self._state[key] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
 
-        def reorder(self, rows: torch.Tensor) -> None:
-            e, N = self.e, self.N
-            upto = getattr(self, "t", 0) + 1
-            for kc, vc in zip(e.k_cache, e.v_cache):
-                kc[:N, :, :upto] = kc[:N, :, :upto].index_select(0, rows)
-                vc[:N, :, :upto] = vc[:N, :, :upto].index_select(0, rows)
-            self.mask = self.mask.index_select(0, rows)
-            self.cross = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross]
+    def _fill_cross(self, enc: torch.Tensor, mask: torch.Tensor, src_bucket: int) -> None:
+        """Cross-attention K/V of every decoder layer, once per request, one copy per sentence (its beams
+        share it). enc (B, S, H); mask (B, S) bool, True = padding; positions S..src_bucket are masked."""
+        B, S = mask.shape
+        for i, L in enumerate(self.dec):
+            k, v = (self._heads(u) for u in L["cross_kv"](enc).chunk(2, dim=-1))
+            self.cross_kv[0, i, :B, :, :S].copy_(k)
+            self.cross_kv[1, i, :B, :, :S].copy_(v)
+        self.cross_mask[:B, :src_bucket] = True
+        self.cross_mask[:B, :S] = mask
+
+    def _advance(self, search, t: int, src_bucket: int) -> None:
+        """Step t of a search: eager on the CPU or without graphs; on CUDA the first step of each (search key,
+        source bucket, cache bucket) runs eagerly on a side stream (it is the warm-up: kernels compile, GEMM
+        choices are looked up, workspaces are allocated) and is then recorded; later steps replay the graph."""
+        tgt_bucket = _bucket(t + 1, self.max_tgt_len)
+        if not self.cuda_graph:
+            self._step(search, src_bucket, tgt_bucket)
+            return
+        key = (search.key, src_bucket, tgt_bucket)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+            # one pool for every graph: a step's temporaries never outlive its replay (all state is written
+            # into buffers allocated outside the graphs), so graphs may share memory in any replay order
+            self._pool = torch.cuda.graph_pool_handle()
+        side, cur = self._stream, torch.cuda.current_stream(self.device)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self._step(search, src_bucket, tgt_bucket)   # step t itself
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, stream=side):
+            self._step(search, src_bucket, tgt_bucket)   # recorded, not run
+        cur.wait_stream(side)
+        self._graphs[key] = graph
+
+    def _embed_step(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ops.embedding_ref's arithmetic at the device position t (int64 [1]): tokens (N,) -> (N, 1, H)."""
+        tab = self.tables["tgt_embedding"]
+        e = acc(tab.lookup(tokens)) * self._emb_scale + acc(tab.pos.index_select(0, t))
+        return e.masked_fill((tokens == self.pad)[:, None], 0.0).to(self.dtype)[:, None, :]
+
+    def _self_kv(self, i: int, L: dict, kv: torch.Tensor, rows, t, N: int, tgt_bucket: int):
+        """kv (N, 1, 2H): this step's K and V of layer i. Writes them at position t of the cache, after
+        reordering the cache rows by their parents (beam search: rows), and returns (keys, values), each
+        (N, nH, tgt_bucket, D) in the float dtype (the int8 cache is dequantized only up to the bucket)."""
+        c = self.cfg
+        nH, H = c.nhead, c.hidden_size
+        if self.int8:
+            kv = ops.quantize(kv.reshape(N, 2, H), L["kv_clip"], axis=1)
+        new = kv.reshape(N, 2, nH, H // nH).permute(1, 0, 2, 3).unsqueeze(3)    # (2, N, nH, 1, D)
+        cache = self.self_kv[i, :, :N]                                             # (2, N, nH, T, D)
+        if rows is None:
+            cache.index_copy_(3, t, new)
+            cur = cache[:, :, :, :tgt_bucket]
+        else:
+            cur = cache[:, :, :, :tgt_bucket].index_select(1, rows)               # contiguous
+            cur.index_copy_(3, t, new)
+            cache[:, :, :, :tgt_bucket].copy_(cur)
+        if self.int8:
+            cur = ops.dequantize(cur, L["kv_clip"], 0, self.dtype)
+        return cur[0], cur[1]
+
+    def _step(self, search, src_bucket: int, tgt_bucket: int) -> None:
+        """One decoder step over the search's device state, then ``search.update`` (graph-safe: static shapes,
+        no host sync). Sentence b's beams are rows b * beams .. b * beams + beams - 1."""
+        B, K, N, t = search.batch, search.beams, search.N, search.t
+        H, dev = self.cfg.hidden_size, self.device
+        rows = search.rows if search.reorders else None
+        # masks as uint8 (the softmax kernel's type), made once per step; True = masked
+        self_mask = (torch.arange(tgt_bucket, device=dev) > t).to(torch.uint8).expand(N, tgt_bucket).contiguous()
+        cross_mask = self.cross_mask[:B, :src_bucket].to(torch.uint8)
+        x = self._embed_step(search.tokens, t)
+        for i, L in enumerate(self.dec):
+            def self_attn(h, i=i, L=L):
+                qkv = L["qkv"](h)
+                keys, values = self._self_kv(i, L, qkv[..., H:], rows, t, N, tgt_bucket)
+                return L["attn_out"](self._attend(self._heads(qkv[..., :H]), keys, values, self_mask, False))
+
+            def cross_attn(h, i=i, L=L):
+                # the K beams of a sentence are K queries against its one copy of the source keys
+                q = self._heads(L["cross_q"](h).view(B, K, H))
+                ctx = self._attend(q, self.cross_kv[0, i, :B, :, :src_bucket], self.cross_kv[1, i, :B, :, :src_bucket],
+                                   cross_mask, False)
+                return L["cross_out"](ctx.view(N, 1, H))
+
+            x = self._sublayer(x, L, "attn_ln", self_attn)
+            x = self._sublayer(x, L, "cross_ln", cross_attn)
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
+        if self.cfg.pre_layer_norm:
+            x = self._ln(x, self.norms["decoder"])
+        search.update(self._project(x)[:, 0])
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
-        table, _, proj = self.tables["tgt_embedding"]
         if self.int8:
-            return proj(ops.quantize(x, self.proj_clip))
-        return F.linear(x, table)
+            return self.proj(ops.quantize(x, self.proj_clip))
+        return F.linear(x, self.tables["tgt_embedding"].rows)
 
     # -- the API --------------------------------------------------------------------------------------------
     def check_input(self, src_ids) -> torch.Tensor:
@@ -255,6 +387,9 @@ class _Engine:
                              "request or build the engine with a larger max_batch_size")
         if S > c.max_seq_len:
             raise ValueError(f"source length {S} is over the model's max_seq_len={c.max_seq_len}")
+        if S > self.max_src_len:
+            raise ValueError(f"source length {S} is over the engine's max_src_len={self.max_src_len}: build the "
+                             "engine with a larger max_src_len")
         lo, hi = int(src_ids.min()), int(src_ids.max())
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {c.vocab_size})")
@@ -266,18 +401,25 @@ class _Engine:
               seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """src_ids (batch, src_len) int ids padded with the file's pad id -> (tokens (batch, beams, tgt_len) int64,
         without <s>, padded after </s>; scores (batch, beams) fp32, best first). method: "beam" (beam_size,
-        length_penalty), "greedy", or "sample" (top_k, top_p, temperature, seed)."""
+        length_penalty), "greedy", or "sample" (top_k, top_p, temperature, seed). max_len: the longest output
+        (default: the model's rule for the source length, at most the engine's max_tgt_len)."""
         src = self.check_input(src_ids)
         B, S = src.shape
         K = beam_size or self.beam_size
+        if method == "beam" and (not isinstance(K, int) or K < 1):
+            raise ValueError(f"beam_size must be a positive int, got {K!r}")
         if method == "beam" and K > self.beam_size:
             raise ValueError(f"beam_size {K} is over the engine's {self.beam_size} (set beam_size at construction)")
-        max_len = max_len or self.cfg.max_output_len(S)
-        if max_len > self.cfg.max_seq_len:
-            raise ValueError(f"max_len {max_len} is over the model's max_seq_len={self.cfg.max_seq_len}")
+        if max_len is None:
+            max_len = min(self.cfg.max_output_len(S), self.max_tgt_len)
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        if max_len > self.max_tgt_len:
+            raise ValueError(f"max_len {max_len} is over the engine's max_tgt_len={self.max_tgt_len} (the model's "
+                             f"max_seq_len is {self.cfg.max_seq_len}): build the engine with a larger max_tgt_len")
         enc, mask = self.encode(src)
         return decoding.generate(
-            lambda e, m: self._Decoder(self, e, m), enc, mask, method=method, beam_size=K,
+            lambda e, m, k: self._Decoder(self, e, m, k), enc, mask, method=method, beam_size=K,
             length_penalty=self.length_penalty if length_penalty is None else length_penalty, bos=self.bos,
             eos=self.eos, pad=self.pad, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
             temperature=temperature, seed=seed)

@@ -126,7 +126,7 @@ class LinearQuant(nn.Module):
         q = self.input_quantizer
         if not (x.is_cuda and q.mode == QUANT and q.axis is None and not q.dynamic):
             return None
-        if not bool(q.initialized):
+        if not q.is_initialized():  # a host flag after the first True: no device sync per call
             q(x)  # raises TensorQuantizer's own "never set: run lsquant.calibrate" error
         return q.current_clip()
 

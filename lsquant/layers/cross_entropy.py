@@ -19,6 +19,12 @@ class CrossEntropyLayer(nn.Module):
     ignore_index=padding_idx, reduction="sum"); nll_loss is the unsmoothed one (no gradient), for logging.
     """
 
+    # Target ids outside [0, vocab) (other than padding_idx) raise a ValueError. On CUDA that check is a
+    # device-to-host sync per call (the host waits until the forward has run), so it is skipped under CUDA-graph
+    # capture (where it is impossible) and can be turned off (False) for eager loops that must not sync; the
+    # kernel needs no check: a target outside the vocabulary reads nothing and gives a NaN loss for its row.
+    check_ids_on_cuda: bool = True
+
     @classmethod
     def get_config(cls, **kwargs) -> CrossEntropyConfig:
         return CrossEntropyConfig(**kwargs)
@@ -48,9 +54,9 @@ class CrossEntropyLayer(nn.Module):
         if flat.shape[0] > c.max_batch_tokens:
             raise ValueError(f"CrossEntropyLayer: {flat.shape[0]} tokens, over max_batch_tokens="
                              f"{c.max_batch_tokens}; use smaller batches or raise it in the config")
-        if t.numel():
+        if t.numel() and (not t.is_cuda or (self.check_ids_on_cuda and not torch.cuda.is_current_stream_capturing())):
             bad = (t != c.padding_idx) & ((t < 0) | (t >= V))
-            if bool(bad.any()):  # one sync; the kernel would otherwise read outside the row
+            if bool(bad.any()):  # a sync on CUDA: see check_ids_on_cuda
                 raise ValueError(f"CrossEntropyLayer: target id {int(t[bad][0])} is outside the vocabulary "
                                  f"[0, {V}) and is not padding_idx={c.padding_idx}")
         loss, nll = ops.cross_entropy(flat, t, c.epsilon, c.padding_idx)

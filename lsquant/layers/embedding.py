@@ -35,6 +35,11 @@ class TransformerEmbeddingLayer(FlatParamLayer):
     """
 
     _shape_fields = ("vocab_size", "embedding_dim", "learned_pos")
+    # Token ids outside [0, vocab_size) raise a ValueError. On CUDA that check is a device-to-host sync per call,
+    # so it is skipped under CUDA-graph capture (where it is impossible) and can be turned off (False) for eager
+    # training loops that must not sync; the kernel needs no check: an id outside the table reads nothing and
+    # gives a zero row and no gradient.
+    check_ids_on_cuda: bool = True
 
     @classmethod
     def get_config(cls, **kwargs) -> EmbeddingConfig:
@@ -86,13 +91,15 @@ class TransformerEmbeddingLayer(FlatParamLayer):
         B, L = tokens.shape
         check_limits(B, L, c, "TransformerEmbeddingLayer", max_len=c.max_seq_len - step)
         tokens = tokens.long()
-        if tokens.numel():
-            lo, hi = int(tokens.min()), int(tokens.max())  # one sync; an id out of range would read past the table
+        if tokens.numel() and (not tokens.is_cuda or (self.check_ids_on_cuda and
+                                                       not torch.cuda.is_current_stream_capturing())):
+            lo, hi = int(tokens.min()), int(tokens.max())  # a sync on CUDA: see check_ids_on_cuda
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"TransformerEmbeddingLayer: token id {lo if lo < 0 else hi} is outside the "
                                  f"vocabulary [0, {c.vocab_size})")
         pos = self.w("pos_embeddings") if c.learned_pos else self.sin_pos
-        p, seed = (c.dropout, ops.new_seed()) if self.training and c.dropout > 0 else (0.0, 0)
+        # the seed: on CUDA drawn on the device (no sync; a CUDA-graph replay draws a new one), else a Python int
+        p, seed = (c.dropout, ops.new_seeds(1, tokens.device)[0]) if self.training and c.dropout > 0 else (0.0, 0)
         return ops.embedding(tokens, self.table(), pos, self.scale, c.padding_idx, step, p, seed)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

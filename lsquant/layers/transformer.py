@@ -14,6 +14,11 @@ are cuBLAS (F.linear / matmul) in the layer's dtype; attention without probabili
 F.scaled_dot_product_attention, with dropout the fused masked softmax. Under QAT the pre-LN LayerNorms and the
 FFN1 epilogue emit the next linear's fake-quantized input in the same kernel. Inputs are checked first
 (shapes, max_batch_tokens, max_seq_len, dtype, device): a clear exception, never a bad kernel launch.
+
+The CUDA path makes no host sync in forward or backward (training mode; the decoder's incremental cache mode
+aside), float or QAT: dropout seeds are drawn on the device and read by the kernels, the quantizers' state is
+host-side after calibration, the input checks read shapes only. A layer, or a model built from them, can so be
+captured whole in CUDA graphs (lsquant.layers.graphed): the wall time is then the GPU time.
 """
 from __future__ import annotations
 
@@ -31,16 +36,14 @@ from .base import FlatParamLayer, LinearQuant, check_hidden, check_padding_mask,
 from .config import TransformerLayerConfig
 
 
-def _split_heads(t: torch.Tensor, nH: int) -> torch.Tensor:
-    """(B, L, nH * D) -> (B, nH, L, D)"""
+def _split_heads(t: torch.Tensor, nH: int, parts: int, contiguous: bool) -> tuple[torch.Tensor, ...]:
+    """(B, L, parts * nH * D) -> ``parts`` tensors (B, nH, L, D). contiguous=False: strided views (what
+    F.scaled_dot_product_attention takes as they are); True: one split kernel (ops.split_heads) instead of the
+    copies torch.matmul would make of each view (the fused-softmax path)."""
+    if contiguous:
+        return ops.split_heads(t, None, nH, parts)
     B, L, H = t.shape
-    return t.view(B, L, nH, H // nH).transpose(1, 2)
-
-
-def _merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """(B, nH, L, D) -> (B, L, nH * D), contiguous"""
-    B, nH, L, D = t.shape
-    return t.transpose(1, 2).reshape(B, L, nH * D)
+    return tuple(u.view(B, L, nH, H // (parts * nH)).transpose(1, 2) for u in t.chunk(parts, dim=-1))
 
 
 def _sdpa(q, k, v, key_padding_mask, causal: bool) -> torch.Tensor:
@@ -95,11 +98,14 @@ class _TransformerLayerBase(FlatParamLayer):
                 f"{'pre' if c.pre_layer_norm else 'post'}-LN, {c.activation_fn}, {c.dtype}")
 
     # -- pieces ------------------------------------------------------------------------------------------
-    def _p(self, p: float) -> tuple[float, int]:
-        """(dropout ratio, seed) for this call: no dropout in eval mode."""
-        if not self.training or p == 0.0:
-            return 0.0, 0
-        return p, ops.new_seed()
+    def _dropouts(self, x: torch.Tensor, *ratios: float) -> list[tuple[float, object]]:
+        """(ratio, seed) for each dropout site of this call, in order; (0.0, 0) where there is none (eval mode or
+        a zero ratio). All seeds come from one ``ops.new_seeds`` draw: on CUDA one-element int64 tensors drawn on
+        the device, which the kernels read and the backward keeps (no host sync; a replay of the layer captured
+        in a CUDA graph draws new ones, hence new masks); on the CPU Python ints."""
+        on = [self.training and r > 0.0 for r in ratios]
+        seeds = iter(ops.new_seeds(sum(on), x.device))
+        return [(r, next(seeds)) if o else (0.0, 0) for r, o in zip(ratios, on)]
 
     def _ln(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         return ops.layer_norm(x, self.w(prefix + "_weight"), self.w(prefix + "_bias"), self.config.layer_norm_eps)
@@ -116,35 +122,42 @@ class _TransformerLayerBase(FlatParamLayer):
                                           self.config.layer_norm_eps, clip)
         return lq(hq, self.w(weight), b, prequantized=True)
 
-    def _attend(self, q, k, v, key_padding_mask, causal: bool) -> torch.Tensor:
-        """q (B, nH, Lq, D), k/v (B, nH, Lk, D) -> context (B, Lq, H)."""
-        p, seed = self._p(self.config.attn_prob_dropout_ratio)
+    @staticmethod
+    def _fused_softmax(x: torch.Tensor, drop: tuple[float, object]) -> bool:
+        """True where _attend takes the fused-softmax path on CUDA (dropout on the attention probabilities)."""
+        return x.is_cuda and drop[0] > 0.0
+
+    def _attend(self, q, k, v, key_padding_mask, causal: bool, drop: tuple[float, object]) -> torch.Tensor:
+        """q (B, nH, Lq, D), k/v (B, nH, Lk, D) -> context (B, Lq, H); drop: (ratio, seed) on the probabilities."""
+        p, seed = drop
         if q.is_cuda and p == 0.0:
             # No dropout on the probabilities: the same function through PyTorch's fused attention (flash /
             # memory-efficient), which keeps the scores in fp32 and never writes the (B, nH, Lq, Lk) matrix.
             # With dropout, the fused softmax kernel below, whose mask the CPU path reproduces exactly.
-            return _merge_heads(_sdpa(q, k, v, key_padding_mask, causal))
+            return ops.merge_heads(_sdpa(q, k, v, key_padding_mask, causal))
         scores = torch.matmul(q, k.transpose(-1, -2))
         probs = ops.masked_softmax(scores, key_padding_mask, causal, p, seed, scale=q.shape[-1] ** -0.5)
-        return _merge_heads(torch.matmul(probs, v))
+        return ops.merge_heads(torch.matmul(probs, v))
 
-    def _residual(self, y: torch.Tensor, bias_name: str, residual: torch.Tensor) -> torch.Tensor:
-        p, seed = self._p(self.config.hidden_dropout_ratio)
+    def _residual(self, y: torch.Tensor, bias_name: str, residual: torch.Tensor,
+                  drop: tuple[float, object]) -> torch.Tensor:
+        p, seed = drop
         return ops.bias_dropout_residual(y, self.w(bias_name), residual, p, seed)
 
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, act_drop: tuple[float, object], out_drop: tuple[float, object]) -> torch.Tensor:
         cfg = self.config
         if cfg.pre_layer_norm:
             f = self._ln_linear(x, "ffn_ln", self.fc1_quant, "fc1_weight", None)
         else:
             f = self.fc1_quant(x, self.w("fc1_weight"))
-        p, seed = self._p(cfg.activation_dropout_ratio)
+        p, seed = act_drop
         clip = self.fc2_quant.fusable_input_clip(f)
         if clip is None:
             f = ops.bias_act_dropout(f, self.w("fc1_bias"), cfg.activation_fn, p, seed)
         else:  # QAT on CUDA: the FFN1 epilogue emits FFN2's fake-quantized input directly
             f = ops.bias_act_dropout_fake_quant(f, self.w("fc1_bias"), cfg.activation_fn, p, seed, clip)
-        x = self._residual(self.fc2_quant(f, self.w("fc2_weight"), prequantized=clip is not None), "fc2_bias", x)
+        x = self._residual(self.fc2_quant(f, self.w("fc2_weight"), prequantized=clip is not None), "fc2_bias", x,
+                           out_drop)
         return x if cfg.pre_layer_norm else self._ln(x, "ffn_ln")
 
     def _check_input(self, x: torch.Tensor, name: str, max_len: int | None = None) -> tuple[int, int]:
@@ -198,16 +211,19 @@ class TransformerEncoderLayer(_TransformerLayerBase):
         B, L = self._check_input(x, "x")
         key_padding_mask = check_padding_mask(key_padding_mask, B, L, x, "key_padding_mask", name)
         cfg = self.config
+        attn_drop, out_drop, act_drop, ffn_drop = self._dropouts(
+            x, cfg.attn_prob_dropout_ratio, cfg.hidden_dropout_ratio, cfg.activation_dropout_ratio,
+            cfg.hidden_dropout_ratio)
         if cfg.pre_layer_norm:
             qkv = self._ln_linear(x, "attn_ln", self.qkv_quant, "qkv_weight", "qkv_bias")
         else:
             qkv = self.qkv_quant(x, self.w("qkv_weight"), self.w("qkv_bias"))
-        q, k, v = (_split_heads(t, cfg.nhead) for t in qkv.chunk(3, dim=-1))
-        ctx = self._attend(q, k, v, key_padding_mask, causal=False)
-        x = self._residual(self.attn_out_quant(ctx, self.w("attn_out_weight")), "attn_out_bias", x)
+        q, k, v = _split_heads(qkv, cfg.nhead, 3, self._fused_softmax(x, attn_drop))
+        ctx = self._attend(q, k, v, key_padding_mask, causal=False, drop=attn_drop)
+        x = self._residual(self.attn_out_quant(ctx, self.w("attn_out_weight")), "attn_out_bias", x, out_drop)
         if not cfg.pre_layer_norm:
             x = self._ln(x, "attn_ln")
-        return self._ffn(x)
+        return self._ffn(x, act_drop, ffn_drop)
 
     # -- conversion ----------------------------------------------------------------------------------------
     _TORCH_NAMES = {"self_attn.in_proj_weight": "qkv_weight", "self_attn.in_proj_bias": "qkv_bias",
@@ -283,21 +299,24 @@ class TransformerDecoderLayer(_TransformerLayerBase):
             raise ValueError(f"{name}: self_padding_mask is for full (training) mode; incremental decoding "
                              "(cache given) takes no target padding")
         self_padding_mask = check_padding_mask(self_padding_mask, B, L, x, "self_padding_mask", name)
+        hid = cfg.hidden_dropout_ratio
+        self_drop, self_out_drop, cross_drop, cross_out_drop, act_drop, ffn_drop = self._dropouts(
+            x, cfg.attn_prob_dropout_ratio, hid, cfg.attn_prob_dropout_ratio, hid, cfg.activation_dropout_ratio, hid)
 
         # causal self-attention
         if cfg.pre_layer_norm:
             qkv = self._ln_linear(x, "attn_ln", self.qkv_quant, "qkv_weight", "qkv_bias")
         else:
             qkv = self.qkv_quant(x, self.w("qkv_weight"), self.w("qkv_bias"))
-        q, k, v = (_split_heads(t, cfg.nhead) for t in qkv.chunk(3, dim=-1))
+        q, k, v = _split_heads(qkv, cfg.nhead, 3, self._fused_softmax(x, self_drop))
         k, v = self.k_quantizer(k), self.v_quantizer(v)
         if cache is not None:
             if past:
                 k = torch.cat([cache["self_k"], k], dim=2)
                 v = torch.cat([cache["self_v"], v], dim=2)
             cache["self_k"], cache["self_v"] = k, v
-        ctx = self._attend(q, k, v, self_padding_mask, causal=True)
-        x = self._residual(self.attn_out_quant(ctx, self.w("attn_out_weight")), "attn_out_bias", x)
+        ctx = self._attend(q, k, v, self_padding_mask, causal=True, drop=self_drop)
+        x = self._residual(self.attn_out_quant(ctx, self.w("attn_out_weight")), "attn_out_bias", x, self_out_drop)
         if not cfg.pre_layer_norm:
             x = self._ln(x, "attn_ln")
 
@@ -306,19 +325,20 @@ class TransformerDecoderLayer(_TransformerLayerBase):
             q = self._ln_linear(x, "cross_ln", self.cross_q_quant, "cross_q_weight", "cross_q_bias")
         else:
             q = self.cross_q_quant(x, self.w("cross_q_weight"), self.w("cross_q_bias"))
-        q = _split_heads(q, cfg.nhead)
+        (q,) = _split_heads(q, cfg.nhead, 1, self._fused_softmax(x, cross_drop))
         if cache is not None and "cross_k" in cache:
             ck, cv = cache["cross_k"], cache["cross_v"]
         else:
             kv = self.cross_kv_quant(encoder_out, self.w("cross_kv_weight"), self.w("cross_kv_bias"))
-            ck, cv = (_split_heads(t, cfg.nhead) for t in kv.chunk(2, dim=-1))
+            ck, cv = _split_heads(kv, cfg.nhead, 2, self._fused_softmax(x, cross_drop))
             if cache is not None:
                 cache["cross_k"], cache["cross_v"] = ck, cv
-        ctx = self._attend(q, ck, cv, encoder_padding_mask, causal=False)
-        x = self._residual(self.cross_out_quant(ctx, self.w("cross_out_weight")), "cross_out_bias", x)
+        ctx = self._attend(q, ck, cv, encoder_padding_mask, causal=False, drop=cross_drop)
+        x = self._residual(self.cross_out_quant(ctx, self.w("cross_out_weight")), "cross_out_bias", x,
+                           cross_out_drop)
         if not cfg.pre_layer_norm:
             x = self._ln(x, "cross_ln")
-        return self._ffn(x)
+        return self._ffn(x, act_drop, ffn_drop)
 
     # -- conversion ----------------------------------------------------------------------------------------
     _TORCH_NAMES = {"self_attn.in_proj_weight": "qkv_weight", "self_attn.in_proj_bias": "qkv_bias",

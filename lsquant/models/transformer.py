@@ -142,13 +142,18 @@ class Transformer(nn.Module):
 
     # -- decoding ---------------------------------------------------------------------------------------------
     class _Decoder:
-        """The step/reorder interface of lsquant.inference.decoding over incremental decoder layers."""
+        """The step interface of lsquant.inference.decoding over incremental decoder layers: encoder_out (B, S, H)
+        and src_mask (B, S) serve batch * beams rows (row b * beams + k reads sentence b)."""
 
-        def __init__(self, model: "Transformer", encoder_out: torch.Tensor, src_mask: torch.Tensor):
-            self.m, self.enc, self.mask = model, encoder_out, src_mask
+        def __init__(self, model: "Transformer", encoder_out: torch.Tensor, src_mask: torch.Tensor, beams: int = 1):
+            self.m = model
+            self.enc, self.mask = decoding.repeat_rows(encoder_out, beams), decoding.repeat_rows(src_mask, beams)
             self.caches = [{} for _ in model.decoder]
 
-        def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        def step(self, tokens: torch.Tensor, t: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+            """tokens (N,) at position t -> logits (N, V); rows (N,): reorder the caches first (beam search)."""
+            if rows is not None:
+                self.reorder(rows)
             y = self.m.tgt_embedding(tokens[:, None], step=t)
             for layer, cache in zip(self.m.decoder, self.caches):
                 y = layer(y, self.enc, self.mask, cache=cache)
@@ -173,7 +178,8 @@ class Transformer(nn.Module):
             max_len = max_len or c.max_output_len(src.shape[1])
             enc, mask = self.encode(src)
             return decoding.generate(
-                lambda e, m: self._Decoder(self, e, m), enc, mask, method=method, beam_size=beam_size or c.beam_size,
+                lambda e, m, k: self._Decoder(self, e, m, k), enc, mask, method=method,
+                beam_size=beam_size or c.beam_size,
                 length_penalty=c.length_penalty if length_penalty is None else length_penalty, bos=c.bos_id,
                 eos=c.eos_id, pad=c.pad_id, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
                 temperature=temperature, seed=seed)

@@ -7,7 +7,8 @@
 - ``bias_dropout_residual``: y = residual + dropout(x + bias): the epilogue of the attention output and FFN2.
 
 x: (..., N) (a GEMM output without its bias), bias: (N,), residual: like x; all one dtype. Everything is
-computed in fp32 and rounded once. The bias gradient is grad_x summed over rows in fp32.
+computed in fp32 and rounded once. The bias gradient is grad_x summed over rows in fp32. seed: an int or an int64
+tensor of one element (lsquant.ops.dropout: on CUDA the kernels read it from device memory, graph-safe).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from .build import load
-from .dropout import acc, apply_dropout_ref, dropout_params
+from .dropout import acc, apply_dropout_ref, dropout_params, seed_tensor
 from .quantize import _kernel_clip, fake_quantize
 
 ACTIVATIONS = {"relu": 0, "gelu": 1}
@@ -29,16 +30,16 @@ def _act_ref(h: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
 
 
-def bias_act_dropout_ref(x, bias, activation: str, p: float = 0.0, seed: int = 0, offset: int = 0):
+def bias_act_dropout_ref(x, bias, activation: str, p: float = 0.0, seed=0, offset: int = 0):
     h = acc(x) + acc(bias)
     return apply_dropout_ref(_act_ref(h, activation), p, seed, offset).to(x.dtype)
 
 
-def bias_act_dropout_fake_quant_ref(x, bias, activation: str, p: float, seed: int, clip, offset: int = 0):
+def bias_act_dropout_fake_quant_ref(x, bias, activation: str, p: float, seed, clip, offset: int = 0):
     return fake_quantize(bias_act_dropout_ref(x, bias, activation, p, seed, offset), clip, None)
 
 
-def bias_dropout_residual_ref(x, bias, residual, p: float = 0.0, seed: int = 0, offset: int = 0):
+def bias_dropout_residual_ref(x, bias, residual, p: float = 0.0, seed=0, offset: int = 0):
     return (acc(residual) + apply_dropout_ref(acc(x) + acc(bias), p, seed, offset)).to(x.dtype)
 
 
@@ -51,16 +52,18 @@ class _BiasAct(torch.autograd.Function):
     def forward(ctx, x, bias, act, p, seed, offset, clip):
         thr, scale = dropout_params(p)
         x = x.contiguous()
+        seed = seed_tensor(seed, x.device) if thr else None  # read by the kernels; kept for the backward
         kclip = _kernel_clip(clip, x) if clip is not None else torch.empty(0, device=x.device)
-        ctx.args = (act, seed, offset, thr, scale)
+        ctx.args = (act, offset, thr, scale)
         ctx.clip_meta = None if clip is None else (clip.shape, clip.dtype, clip.device)
-        ctx.save_for_backward(x, bias, kclip)
+        ctx.save_for_backward(x, bias, kclip, seed)
         return load().bias_act_fwd(x, bias.contiguous(), act, seed, offset, thr, scale, kclip)
 
     @staticmethod
     def backward(ctx, gy):
-        x, bias, kclip = ctx.saved_tensors
-        gx, gc = load().bias_act_bwd(gy.contiguous(), x, bias.contiguous(), *ctx.args, kclip)
+        x, bias, kclip, seed = ctx.saved_tensors
+        act, offset, thr, scale = ctx.args
+        gx, gc = load().bias_act_bwd(gy.contiguous(), x, bias.contiguous(), act, seed, offset, thr, scale, kclip)
         gclip = None
         if ctx.clip_meta is not None and ctx.needs_input_grad[6]:
             shape, dtype, device = ctx.clip_meta
@@ -72,14 +75,17 @@ class _BiasDropoutResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual, p, seed, offset):
         thr, scale = dropout_params(p)
-        ctx.args = (seed, offset, thr, scale)
+        seed = seed_tensor(seed, x.device) if thr else None  # read by the kernels; kept for the backward
+        ctx.args = (offset, thr, scale)
         ctx.bias_dtype = bias.dtype
+        ctx.save_for_backward(seed)
         return load().bias_dropout_residual_fwd(x.contiguous(), bias.contiguous(), residual.contiguous(), seed,
                                                 offset, thr, scale)
 
     @staticmethod
     def backward(ctx, gy):
-        seed, offset, thr, scale = ctx.args
+        (seed,) = ctx.saved_tensors
+        offset, thr, scale = ctx.args
         gy = gy.contiguous()
         gx = gy if thr == 0 else load().dropout_bwd(gy, seed, offset, thr, scale)
         gb = gx.reshape(-1, gx.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
@@ -94,7 +100,7 @@ def _check(x, bias, residual=None):
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}")
 
 
-def bias_act_dropout(x, bias, activation: str = "relu", p: float = 0.0, seed: int = 0, offset: int = 0):
+def bias_act_dropout(x, bias, activation: str = "relu", p: float = 0.0, seed=0, offset: int = 0):
     """act(x + bias) with dropout p; fused on CUDA. x: (..., N), bias: (N,) -> (..., N) in x's dtype."""
     _check(x, bias)
     if activation not in ACTIVATIONS:
@@ -104,7 +110,7 @@ def bias_act_dropout(x, bias, activation: str = "relu", p: float = 0.0, seed: in
     return _BiasAct.apply(x, bias, ACTIVATIONS[activation], p, seed, offset, None)
 
 
-def bias_act_dropout_fake_quant(x, bias, activation: str, p: float, seed: int, clip: torch.Tensor,
+def bias_act_dropout_fake_quant(x, bias, activation: str, p: float, seed, clip: torch.Tensor,
                                 offset: int = 0):
     """fake_quantize(act(x + bias) with dropout p, clip): x (..., N), bias (N,), clip fp32 (one value; LSQ gradient
     when it requires grad) -> (..., N) in x's dtype. One kernel each way on CUDA."""
@@ -116,7 +122,7 @@ def bias_act_dropout_fake_quant(x, bias, activation: str, p: float, seed: int, c
     return _BiasAct.apply(x, bias, ACTIVATIONS[activation], p, seed, offset, clip)
 
 
-def bias_dropout_residual(x, bias, residual, p: float = 0.0, seed: int = 0, offset: int = 0):
+def bias_dropout_residual(x, bias, residual, p: float = 0.0, seed=0, offset: int = 0):
     """residual + dropout(x + bias); fused on CUDA. x, residual: (..., N), bias: (N,)."""
     _check(x, bias, residual)
     if not x.is_cuda:

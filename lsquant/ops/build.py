@@ -24,8 +24,15 @@ class BuildError(RuntimeError):
 
 
 def source_dir() -> Path:
-    """csrc/ of this checkout (editable install) or of the installed package."""
-    return Path(str(resources.files("lsquant.csrc")))
+    """csrc/ of the installed package (lsquant.csrc), or of the source checkout when lsquant is imported from one
+    without being installed (the checkout's own folder shadows an installed package's mapped subpackages)."""
+    try:
+        return Path(str(resources.files("lsquant.csrc")))
+    except ModuleNotFoundError:
+        here = Path(__file__).resolve().parents[2] / "csrc"
+        if (here / "bindings.cpp").is_file():
+            return here
+        raise
 
 
 def sources() -> list[str]:

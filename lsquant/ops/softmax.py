@@ -3,14 +3,15 @@
 scores: (B, nH, Lq, Lk) fp32/fp16/bf16, multiplied by ``scale`` (1/sqrt(head_dim)) inside the kernel;
 key_padding_mask: (B, Lk) bool, True = padding (torch's convention), or None; causal: query i sees key j iff j <= i + (Lk - Lq) (the offset lets Lq new queries attend
 to a cache of Lk - Lq earlier keys). Returns probs (B, nH, Lq, Lk) in scores' dtype, dropout applied. A row whose keys are
-all masked gives zeros (torch gives NaN there). Computed in fp32 and rounded once.
+all masked gives zeros (torch gives NaN there). Computed in fp32 and rounded once. seed: an int or an int64
+tensor of one element (lsquant.ops.dropout: on CUDA the kernels read it from device memory, graph-safe).
 """
 from __future__ import annotations
 
 import torch
 
 from .build import load
-from .dropout import acc, apply_dropout_ref, dropout_params
+from .dropout import acc, apply_dropout_ref, dropout_params, seed_tensor
 
 
 def attention_mask_ref(B: int, Lq: int, Lk: int, key_padding_mask, causal: bool, device) -> torch.Tensor | None:
@@ -26,7 +27,7 @@ def attention_mask_ref(B: int, Lq: int, Lk: int, key_padding_mask, causal: bool,
     return mask
 
 
-def masked_softmax_ref(scores, key_padding_mask=None, causal: bool = False, p: float = 0.0, seed: int = 0,
+def masked_softmax_ref(scores, key_padding_mask=None, causal: bool = False, p: float = 0.0, seed=0,
                        offset: int = 0, scale: float = 1.0) -> torch.Tensor:
     B, _, Lq, Lk = scores.shape
     s = acc(scores)
@@ -47,20 +48,22 @@ class _MaskedSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, mask, causal, p, seed, offset, sscale):
         thr, scale = dropout_params(p)
+        seed = seed_tensor(seed, scores.device) if thr else None  # read by the kernels; kept for the backward
         probs, dropped = load().softmax_fwd(scores.contiguous(), mask, causal, float(sscale), seed, offset, thr,
                                             scale)
-        ctx.args = (float(sscale), seed, offset, thr, scale)
-        ctx.save_for_backward(probs)
+        ctx.args = (float(sscale), offset, thr, scale)
+        ctx.save_for_backward(probs, seed)
         return dropped
 
     @staticmethod
     def backward(ctx, gy):
-        (probs,) = ctx.saved_tensors
-        gx = load().softmax_bwd(gy.contiguous(), probs, *ctx.args)
+        probs, seed = ctx.saved_tensors
+        sscale, offset, thr, scale = ctx.args
+        gx = load().softmax_bwd(gy.contiguous(), probs, sscale, seed, offset, thr, scale)
         return gx, None, None, None, None, None, None
 
 
-def masked_softmax(scores, key_padding_mask=None, causal: bool = False, p: float = 0.0, seed: int = 0,
+def masked_softmax(scores, key_padding_mask=None, causal: bool = False, p: float = 0.0, seed=0,
                    offset: int = 0, scale: float = 1.0) -> torch.Tensor:
     """Fused on CUDA, :func:`masked_softmax_ref` elsewhere (same arguments, same result)."""
     if scores.dim() != 4:

@@ -67,6 +67,9 @@ class TensorQuantizer(nn.Module):
         else:
             self.register_buffer("clip", clip)
         self.register_buffer("initialized", torch.tensor(init_clip is not None or dynamic))
+        # a host copy of `initialized` once it is known to be True: the quant-mode forward then never reads the
+        # buffer (on CUDA a device-to-host sync per quantizer per call, and impossible under CUDA graph capture)
+        self._initialized_host = bool(init_clip is not None or dynamic)
         self.calibrator: Calibrator | None = None
 
     @property
@@ -89,6 +92,14 @@ class TensorQuantizer(nn.Module):
     def _name(self) -> str:
         return getattr(self, "_lsquant_name", "TensorQuantizer")
 
+    def is_initialized(self) -> bool:
+        """Whether the clip has been set (calibration, set_clip, init_clip, a loaded state dict, or dynamic). The
+        buffer is read once (one sync on CUDA) and the answer kept on the host after it is True; the methods that
+        set it, and load_state_dict, keep the host copy in step."""
+        if not getattr(self, "_initialized_host", False):
+            self._initialized_host = bool(self.initialized)
+        return self._initialized_host
+
     def load_calibration(self) -> torch.Tensor | None:
         """Set the clip from what the calibrator collected; returns it (None for dynamic quantizers)."""
         if self.dynamic:
@@ -99,6 +110,7 @@ class TensorQuantizer(nn.Module):
         with torch.no_grad():
             self.clip.copy_(clip.reshape(self.clip.shape))
             self.initialized.fill_(True)
+        self._initialized_host = True
         self.calibrator = None
         return clip
 
@@ -109,6 +121,7 @@ class TensorQuantizer(nn.Module):
         with torch.no_grad():
             self.clip.copy_(clip.reshape(self.clip.shape).to(self.clip.device))
             self.initialized.fill_(True)
+        self._initialized_host = True
 
     # -- forward -------------------------------------------------------------------------------------------
     def current_clip(self, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,7 +145,7 @@ class TensorQuantizer(nn.Module):
             if self.calibrator is not None:
                 self.calibrator.collect(x)
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized():
             raise RuntimeError(f"{self._name()} quantizes with a clip that was never set: run "
                                "lsquant.calibrate(model, batches) first (or give init_clip)")
         if self.axis is not None and x.shape[self.axis] != self.num_channels:
@@ -149,3 +162,4 @@ class TensorQuantizer(nn.Module):
             return  # e.g. an nn.Linear state dict loaded into QuantLinear: keep the current clip
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._initialized_host = False  # the loaded buffer decides: read again at the next use

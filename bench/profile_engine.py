@@ -1,0 +1,126 @@
+"""Where a translation engine's time goes: one request profiled with torch.profiler, GPU kernel time grouped
+into GEMMs, attention, LayerNorm, quantize/dequantize, decoding (log-softmax, top-k, sort, beam bookkeeping)
+and the rest, next to the request's wall time (wall - GPU busy time = time the GPU waited for the host).
+
+    python bench/profile_engine.py [--model base|big] [--batch 8] [--src-len 32] [--method beam|sample]
+                                   [--out bench/results/engine_profile_<gpu>.csv]
+
+Random weights as in bench_engine.py (6+6 layers, vocabulary 32000, 32 new tokens forced). Kernel names are
+matched with the patterns in CATEGORIES, first match wins; the CSV has one row per (engine, category).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_info, gpu_slug, warm_gpu, write_rows  # noqa: E402
+
+import lsquant  # noqa: E402
+from lsquant.export import export_transformer  # noqa: E402
+from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine  # noqa: E402
+from lsquant.models import Transformer, TransformerConfig  # noqa: E402
+
+MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
+          "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
+VOCAB, NEW = 32000, 32
+
+# (category, regex over the lower-cased kernel name), first match wins
+CATEGORIES = [
+    ("attention", r"fmha|flash|attention|softmax_fwd|softmax_bwd|masked_softmax|sdpa|efficient_attention"),
+    ("decoding", r"log_softmax|softmax|topk|sort|radix|scan|cumsum|argmax|gather_topk|bitonic|multinomial"),
+    ("gemm", r"gemm|gemv|matmul|mm_kernel|int8|cutlass|xmma|sm90|sm80|ampere|hopper|wgmma|cublas|splitk"),
+    ("layernorm", r"layer_?norm|ln_fwd|ln_bwd"),
+    ("quantize", r"quantiz|dequant"),
+    ("embedding", r"embedding|index_select|indexselect"),
+    ("copy/elementwise", r"copy|elementwise|fill|vectorized|unrolled|reduce|where|index|cat|scatter"),
+]
+
+
+def categorise(name: str) -> str:
+    n = name.lower()
+    for cat, pat in CATEGORIES:
+        if re.search(pat, n):
+            return cat
+    return "other"
+
+
+def build_files(model_name: str, tmp: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0,
+                            max_seq_len=128, max_batch_tokens=128 * 4 * 128, beam_size=4, **MODELS[model_name])
+    model = Transformer(cfg).eval().cuda()
+    calib = [(torch.randint(4, VOCAB, (16, 32), device="cuda"), torch.randint(4, VOCAB, (16, 32), device="cuda"))]
+    lsquant.calibrate(model, calib, method="max", progress=False)
+    fp16 = export_transformer(model, tmp / f"{model_name}_fp16.h5", "fp16")
+    int8 = export_transformer(model, tmp / f"{model_name}_int8.h5", "int8")
+    return Path(int8), Path(fp16)
+
+
+def profile(engine, src: torch.Tensor, method: str) -> tuple[float, dict[str, float], int]:
+    """-> (wall ms of one request, {category: GPU ms}, kernel count)"""
+    run = lambda: engine.infer(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(2):   # warm-up: tuning lookups, graph capture, allocator
+            run()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            run()
+            torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    count = 0
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            c = categorise(ev.name)
+            cats[c] = cats.get(c, 0.0) + ev.device_time / 1e3
+            count += 1
+    return wall, cats, count
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="base", choices=list(MODELS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--src-len", type=int, default=32)
+    ap.add_argument("--method", default="beam", choices=["beam", "sample"])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_engine.py needs a CUDA GPU")
+    out = args.out or f"bench/results/engine_profile_{gpu_slug()}.csv"
+    info = env_info()
+    warm_gpu()
+    tmp = Path(tempfile.mkdtemp())
+    int8, fp16 = build_files(args.model, tmp)
+    src = torch.randint(4, VOCAB, (args.batch, args.src_len), device="cuda")
+    rows = []
+    for impl, cls, path in (("lsquant_int8", QuantTransformer, int8), ("lsquant_fp16", FloatEngine, fp16)):
+        eng = cls(path, max_batch_size=args.batch, beam_size=4)
+        wall, cats, n = profile(eng, src, args.method)
+        gpu = sum(cats.values())
+        print(f"{impl}: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms ({100 * gpu / wall:.0f}% of wall), {n} kernels")
+        for c, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
+            print(f"   {c:18s} {ms:8.3f} ms  {100 * ms / gpu:5.1f}% of GPU time")
+            rows.append({**info, "model": f"transformer-{args.model}", "impl": impl, "method": args.method,
+                         "batch": args.batch, "src_len": args.src_len, "new_tokens": NEW, "wall_ms": round(wall, 3),
+                         "gpu_busy_ms": round(gpu, 3), "kernels": n, "category": c, "category_ms": round(ms, 3),
+                         "share_of_gpu": round(ms / gpu, 4)})
+        del eng
+        torch.cuda.empty_cache()
+    write_rows(out, rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""lsquant.inference.decoding on random decoders: the device-side search returns exactly (same tokens, same
+scores, bit for bit) what the former host-side implementation returned. That implementation is kept below,
+in the tests only, as the reference."""
+import itertools
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from lsquant.inference import decoding
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+# -- the reference: the former implementation (a Python loop over sentences, a host sync per step) --------------
+
+def _ref_pad_results(seqs, pad, device):
+    B, K = len(seqs), len(seqs[0])
+    T = max(1, max(len(s) for beams in seqs for s in beams))
+    out = torch.full((B, K, T), pad, dtype=torch.long)
+    for b, beams in enumerate(seqs):
+        for k, s in enumerate(beams):
+            out[b, k, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device)
+
+
+def _ref_log_probs(logits, t, max_len, eos, banned=(), min_len=0):
+    lp = F.log_softmax(logits.float(), dim=-1)
+    if banned:
+        lp[:, list(banned)] = float("-inf")
+    if t < min_len - 1:
+        lp[:, eos] = float("-inf")
+    if t == max_len - 1:
+        forced = torch.full_like(lp, float("-inf"))
+        forced[:, eos] = 0.0
+        lp = forced
+    return lp
+
+
+def _ref_one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, choose, temperature=1.0):
+    last = torch.full((batch,), bos, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch, dtype=torch.float32, device=device)
+    out = []
+    for t in range(max_len):
+        lp = _ref_log_probs(decoder.step(last, t).float() / temperature, t, max_len, eos, (pad, bos), min_len)
+        tok = torch.where(done, torch.full((batch,), pad, dtype=torch.long, device=device), choose(lp))
+        scores = scores + torch.where(done, torch.zeros_like(scores), lp.gather(1, tok.clamp(min=0)[:, None])[:, 0])
+        out.append(tok)
+        done = done | (tok == eos)
+        last = torch.where(tok == pad, torch.full_like(tok, eos), tok)
+        if bool(done.all()):
+            break
+    return torch.stack(out, dim=1)[:, None, :], scores[:, None]
+
+
+def _ref_greedy(decoder, batch, bos, eos, pad, max_len, device, min_len=0):
+    return _ref_one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, lambda lp: lp.argmax(dim=-1))
+
+
+def _ref_sample(decoder, batch, bos, eos, pad, max_len, device, top_k=0, top_p=1.0, temperature=1.0, seed=0,
+                min_len=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def choose(lp):
+        filt = lp.clone()
+        if top_k:
+            kth = filt.topk(min(top_k, filt.shape[-1]), dim=-1).values[:, -1:]
+            filt[filt < kth] = float("-inf")
+        if top_p < 1.0:
+            sorted_lp, order = filt.sort(dim=-1, descending=True)
+            p = sorted_lp.softmax(dim=-1)
+            sorted_lp[p.cumsum(dim=-1) - p >= top_p] = float("-inf")
+            filt = torch.full_like(filt, float("-inf")).scatter(1, order, sorted_lp)
+        probs = filt.softmax(dim=-1).cpu()
+        u = torch.rand(batch, 1, generator=gen, dtype=torch.float64)
+        return (probs.double().cumsum(dim=-1) < u).sum(dim=-1).clamp(max=probs.shape[-1] - 1).to(lp.device)
+
+    return _ref_one_path(decoder, batch, bos, eos, pad, max_len, device, min_len, choose, temperature)
+
+
+def _ref_beam_search(decoder, batch, beams, bos, eos, pad, max_len, device, length_penalty=1.0, min_len=0):
+    K, N = beams, batch * beams
+    seqs = torch.full((N, max_len), pad, dtype=torch.long, device=device)
+    last = torch.full((N,), bos, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, K, dtype=torch.float32, device=device)
+    scores[:, 1:] = float("-inf")
+    finished = [[] for _ in range(batch)]
+    base = (torch.arange(batch, device=device) * K)[:, None]
+    for t in range(max_len):
+        lp = _ref_log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)
+        V = lp.shape[-1]
+        cand = (scores.reshape(N, 1) + lp).reshape(batch, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)
+        beam_i, tok = top_i // V, top_i % V
+        is_eos = tok == eos
+        cpu_s, cpu_b, cpu_eos = top_s.cpu(), beam_i.cpu(), is_eos.cpu()
+        for b in range(batch):
+            if len(finished[b]) >= K:
+                continue
+            for j in range(min(K, top_s.shape[1])):
+                if cpu_eos[b, j] and cpu_s[b, j] > float("-inf"):
+                    row = b * K + int(cpu_b[b, j])
+                    hyp = seqs[row, :t].tolist() + [eos]
+                    finished[b].append((float(cpu_s[b, j]) / (t + 1) ** length_penalty, hyp))
+        if all(len(f) >= K for f in finished):
+            break
+        masked = top_s.masked_fill(is_eos, float("-inf"))
+        keep = masked.topk(K, dim=1).indices.sort(dim=1).values
+        new_scores = masked.gather(1, keep)
+        rows = (base + beam_i.gather(1, keep)).reshape(N)
+        new_tok = tok.gather(1, keep).reshape(N)
+        seqs = seqs.index_select(0, rows)
+        seqs[:, t] = new_tok
+        decoder.reorder(rows)
+        scores = new_scores
+        last = new_tok
+    results, result_scores = [], []
+    for b in range(batch):
+        hyps = sorted(finished[b], key=lambda h: -h[0])[:K]
+        while len(hyps) < K:
+            hyps.append((float("-inf"), [eos]))
+        results.append([h[1] for h in hyps])
+        result_scores.append([h[0] for h in hyps])
+    return _ref_pad_results(results, pad, device), torch.tensor(result_scores, dtype=torch.float32, device=device)
+
+
+# -- random decoders ------------------------------------------------------------------------------------------
+
+class RandomDecoder:
+    """Logits from a random table indexed by a hash of each row's whole history, so the beam reorder matters.
+    Logits are multiples of 0.5 (many exact ties among tokens, beams and finished hypotheses); eos_bias makes
+    </s> likely (many hypotheses finish). Speaks both interfaces: step(tokens, t) + reorder(rows) (the reference)
+    and step(tokens, t, rows) (the current one)."""
+
+    def __init__(self, rows, vocab, seed, eos_bias=1.0, device="cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.table = (torch.randint(-6, 7, (61, vocab), generator=g).float() / 2).to(device)
+        self.table[:, EOS] += eos_bias
+        self.h = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def step(self, tokens, t, rows=None):
+        if rows is not None:
+            self.reorder(rows)
+        self.h = (self.h * 31 + tokens + 7) % 1_000_003
+        return self.table[self.h % self.table.shape[0]]
+
+    def reorder(self, rows):
+        self.h = self.h[rows]
+
+
+class PersistentRandomDecoder(RandomDecoder):
+    """With an engine's storage: state buffers that persist across requests (garbage on first use), their time
+    dimension max_steps > max_len."""
+
+    max_steps = 24
+
+    def __init__(self, *args, shared, **kw):
+        super().__init__(*args, **kw)
+        self.shared = shared
+
+    def buffer(self, name, shape, dtype):
+        key = (name, tuple(shape), dtype)
+        if key not in self.shared:
+            garbage = torch.ones(shape, dtype=dtype) if dtype == torch.bool else torch.full(shape, 99, dtype=dtype)
+            self.shared[key] = garbage
+        return self.shared[key]
+
+
+def _decoders(rows, vocab, seed, eos_bias, persistent):
+    ref = RandomDecoder(rows, vocab, seed, eos_bias)
+    if persistent is None:
+        return ref, RandomDecoder(rows, vocab, seed, eos_bias)
+    return ref, PersistentRandomDecoder(rows, vocab, seed, eos_bias, shared=persistent)
+
+
+def _check_equal(a, b):
+    (ta, sa), (tb, sb) = a, b
+    assert ta.shape == tb.shape, (ta.shape, tb.shape)
+    assert torch.equal(ta, tb), (ta, tb)
+    assert sa.dtype == sb.dtype and torch.equal(sa, sb), (sa, sb)
+
+
+BEAM_CASES = list(itertools.product(
+    [1, 5],             # batch
+    [1, 2, 3, 4, 5],    # beams
+    [(7, 1.5), (12, 0.0), (4, 1.0)],   # (vocab, eos bias); vocab 4 has one word: too small to fill 5 beams
+))
+
+
+@pytest.mark.parametrize("batch,beams,vocab_bias", BEAM_CASES)
+def test_beam_search_equals_the_reference(batch, beams, vocab_bias):
+    vocab, bias = vocab_bias
+    n = 0
+    for max_len, min_len, alpha in [(1, 0, 1.0), (6, 0, 1.0), (6, 3, 0.0), (13, 0, 0.6), (13, 5, 1.0), (20, 0, 0.0)]:
+        for seed in range(2):
+            for persistent in (None, {}):
+                ref, new = _decoders(batch * beams, vocab, seed * 7 + beams, bias, persistent)
+                kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len, device="cpu", length_penalty=alpha,
+                          min_len=min_len)
+                want = _ref_beam_search(ref, batch, beams, **kw)
+                got = decoding.beam_search(new, batch, beams, **kw)
+                _check_equal(got, want)
+                if persistent is not None and seed == 0:   # the same buffers serve the next request
+                    _check_equal(decoding.beam_search(_decoders(batch * beams, vocab, seed * 7 + beams, bias,
+                                                                persistent)[1], batch, beams, **kw), want)
+                n += int((want[1] > float("-inf")).sum())
+    assert n > 0
+
+
+def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
+    """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
+    and a vocabulary of one word leaves beams empty."""
+    ties = early = empty = 0
+    for seed in range(3):
+        for beams in (2, 3, 4, 5):
+            for vocab, bias, alpha, max_len in ((7, 1.5, 0.0, 13), (12, 0.0, 0.0, 13), (4, 1.0, 1.0, 3)):
+                ref = RandomDecoder(5 * beams, vocab, seed * 7 + beams, bias)
+                tok, s = _ref_beam_search(ref, 5, beams, BOS, EOS, PAD, max_len, "cpu", length_penalty=alpha)
+                fin = s[s > float("-inf")]
+                ties += len(fin) - len(torch.unique(fin))
+                early += tok.shape[-1] < max_len
+                empty += int((s == float("-inf")).sum())
+    assert ties > 0 and early > 0 and empty > 0, (ties, early, empty)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_greedy_equals_the_reference(batch):
+    for max_len, min_len, (vocab, bias) in itertools.product([1, 5, 13], [0, 4], [(7, 1.5), (12, 0.0)]):
+        for seed in range(3):
+            for persistent in (None, {}):
+                ref, new = _decoders(batch, vocab, seed, bias, persistent)
+                kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len, device="cpu", min_len=min_len)
+                _check_equal(decoding.greedy(new, batch, **kw), _ref_greedy(ref, batch, **kw))
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sampling_equals_the_reference(batch):
+    for max_len, min_len, (top_k, top_p, temp) in itertools.product(
+            [1, 6, 15], [0, 4], [(0, 1.0, 1.0), (3, 1.0, 1.0), (0, 0.7, 1.0), (4, 0.9, 0.7), (2, 1.0, 1.6)]):
+        for seed in range(2):
+            for persistent in (None, {}):
+                ref, new = _decoders(batch, 9, seed, 0.5, persistent)
+                kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len, device="cpu", min_len=min_len, top_k=top_k,
+                          top_p=top_p, temperature=temp, seed=seed + 11)
+                _check_equal(decoding.sample(new, batch, **kw), _ref_sample(ref, batch, **kw))
+
+
+def test_one_state_buffer_per_name_and_a_key_per_shape():
+    shared = {}
+    decoding.beam_search(PersistentRandomDecoder(6, 7, 0, shared=shared), 2, 3, BOS, EOS, PAD, 10, "cpu")
+    n = len(shared)
+    decoding.beam_search(PersistentRandomDecoder(6, 7, 1, shared=shared), 2, 3, BOS, EOS, PAD, 17, "cpu")
+    assert len(shared) == n                          # a longer request reuses every buffer
+    with pytest.raises(ValueError, match="over the decoder's 24 steps"):
+        decoding.greedy(PersistentRandomDecoder(2, 7, 0, shared=shared), 2, BOS, EOS, PAD, 25, "cpu")
+
+
+@pytest.mark.cuda
+def test_device_search_on_cuda_equals_the_cpu_reference():
+    """On the GPU the same rules pick the same tokens (beam and greedy exactly; the scores too, the logits
+    being exact multiples of 0.5); sampling draws the same uniforms (fp64 scan order aside)."""
+    for batch, beams in ((1, 4), (5, 3)):
+        ref = RandomDecoder(batch * beams, 12, beams, 0.5)
+        dev = RandomDecoder(batch * beams, 12, beams, 0.5, device="cuda")
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, length_penalty=0.6)
+        want = _ref_beam_search(ref, batch, beams, device="cpu", **kw)
+        got = decoding.beam_search(dev, batch, beams, device="cuda", **kw)
+        assert torch.equal(got[0].cpu(), want[0])
+        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-6, atol=1e-6)
+    ref, dev = RandomDecoder(5, 12, 3, 0.5), RandomDecoder(5, 12, 3, 0.5, device="cuda")
+    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, top_k=4, seed=5)
+    assert torch.equal(decoding.sample(dev, 5, device="cuda", **kw)[0].cpu(),
+                       _ref_sample(ref, 5, device="cpu", **kw)[0])
