@@ -78,14 +78,16 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["base", "big"], choices=list(MODELS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="batch {1, 32}, source length 32 only")
+    ap.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 8 32 128)")
+    ap.add_argument("--src-lens", type=int, nargs="+", default=None, help="source lengths (default 16 32 64)")
     ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
     args = ap.parse_args()
     out = args.out or f"bench/results/engine_{gpu_slug()}.csv"
     info = env_info()
     warm_gpu()
-    batches = [1, 32] if args.quick else [1, 8, 32, 128]
-    lens = [32] if args.quick else [16, 32, 64]
+    batches = args.batches or ([1, 32] if args.quick else [1, 8, 32, 128])
+    lens = args.src_lens or ([32] if args.quick else [16, 32, 64])
     tmp = Path(tempfile.mkdtemp())
     for mname in args.models:
         sizes = MODELS[mname]

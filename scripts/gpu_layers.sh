@@ -7,6 +7,7 @@
 #   quick (default)  build + smoke + kernel tests + layer tests + sanitizer + benchmark --quick  (~6 min cold)
 #   test             build + smoke + kernel tests + layer tests + sanitizer
 #   bench            build + smoke + the full benchmark (~5 min of GPU time once the build is cached)
+#   layerbench       build + smoke + the layer rows of the benchmark (no per-kernel rows)
 #   all              test + full benchmark (over 10 minutes: split into `test` and `bench` where limited)
 #
 # Outputs: layers_env.txt, layers_build.log, layers_smoke.log, layers_pytest_ops.log/.xml,
@@ -126,6 +127,8 @@ fi
 GPU_SLUG=$("$PY" -c "import torch;n=torch.cuda.get_device_name();print(''.join(c if c.isalnum() else '_' for c in n).strip('_').lower())" 2>/dev/null || echo gpu)
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
   stage bench 540 layers_bench.log -- "$PY" bench/bench_layers.py --out "$OUT/layers_${GPU_SLUG}.csv"
+elif [ "$MODE" = layerbench ]; then   # the layer rows only (every size and dtype), not the per-kernel rows
+  stage bench ${LAYERBENCH_S:-330} layers_bench.log -- "$PY" bench/bench_layers.py --only layers --out "$OUT/layers_${GPU_SLUG}.csv"
 elif [ "$MODE" = quick ]; then
   stage bench 300 layers_bench.log -- "$PY" bench/bench_layers.py --quick --out "$OUT/layers_${GPU_SLUG}_quick.csv"
 fi

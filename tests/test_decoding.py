@@ -258,16 +258,20 @@ def test_one_state_buffer_per_name_and_a_key_per_shape():
 
 @pytest.mark.cuda
 def test_device_search_on_cuda_equals_the_cpu_reference():
-    """On the GPU the same rules pick the same tokens (beam and greedy exactly; the scores too, the logits
-    being exact multiples of 0.5); sampling draws the same uniforms (fp64 scan order aside)."""
+    """On the GPU the same rules pick the same tokens (beam search: the same tokens, scores up to the log-softmax's
+    rounding); sampling draws the same uniforms (fp64 scan order aside)."""
     for batch, beams in ((1, 4), (5, 3)):
         ref = RandomDecoder(batch * beams, 12, beams, 0.5)
         dev = RandomDecoder(batch * beams, 12, beams, 0.5, device="cuda")
+        # no exact ties here: CUDA's topk orders equal values differently from the CPU's (measured on an H100),
+        # which the rules leave free; the CPU tests above cover the tie rules with exact multiples of 0.5
+        ref.table += torch.rand(ref.table.shape, generator=torch.Generator().manual_seed(beams)) * 0.1
+        dev.table = ref.table.to("cuda")
         kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, length_penalty=0.6)
         want = _ref_beam_search(ref, batch, beams, device="cpu", **kw)
         got = decoding.beam_search(dev, batch, beams, device="cuda", **kw)
         assert torch.equal(got[0].cpu(), want[0])
-        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-5)   # log-softmax: CUDA vs CPU
     ref, dev = RandomDecoder(5, 12, 3, 0.5), RandomDecoder(5, 12, 3, 0.5, device="cuda")
     kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, top_k=4, seed=5)
     assert torch.equal(decoding.sample(dev, 5, device="cuda", **kw)[0].cpu(),

@@ -324,7 +324,10 @@ def test_graphed_layer_with_dropout(kind, qat, monkeypatch):
 
 def test_graphed_model_trains_like_eager():
     """A whole model (embedding, two encoder layers, shared-table projection, cross-entropy) captured as one
-    graph and trained with Adam (in-place steps): the same losses as the eager model, step by step."""
+    graph and trained with SGD + momentum (in-place steps): the same losses as the eager model, step by step.
+    (Not Adam: its first steps move every weight by ~lr whatever the gradient's size, so the ~1e-7 run-to-run
+    noise of atomic adds (embedding backward) flips the sign of near-zero gradients and the runs part by ~5e-3
+    in loss within 4 steps, measured on an H100; SGD keeps that noise at its own size.)"""
     torch.manual_seed(0)
     eager = TinyTagger().cuda()
     model = copy.deepcopy(eager)
@@ -333,7 +336,7 @@ def test_graphed_model_trains_like_eager():
     graphed(model, batches[0])
     losses = {}
     for name, m in (("eager", eager), ("graph", model)):
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        opt = torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
         losses[name] = []
         for tokens, targets in batches:
             loss, _ = m(tokens, targets)
@@ -343,4 +346,5 @@ def test_graphed_model_trains_like_eager():
             losses[name].append(float(loss))
     # the embedding backward adds with atomics (fp32, order varies): ~1e-7 per step, well inside 1e-3 after 30
     torch.testing.assert_close(losses["graph"], losses["eager"], rtol=1e-3, atol=1e-3)
+    # 3.54 -> 2.73 in these 30 steps on the CPU reference path
     assert losses["graph"][-1] < losses["graph"][0] - 0.5, losses["graph"]
