@@ -552,3 +552,243 @@ def test_cublaslt_refuses_an_algorithm_id_it_does_not_offer(monkeypatch):
     with pytest.raises(ValueError, match="id 99999 is not offered"):
         G.cublaslt_i32(x, G.Int8Linear(w, out_dtype=torch.int32).w_padded(), [99999] + [0] * 8)
     assert not any(c[0] == "gemm" for c in fake.calls)
+
+
+# ---------------------------------------------------------------- Triton kernels, interpreted (CPU) ----
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs the same kernel source, TMA descriptors included (it
+# zero-fills loads and clips stores past the tensor as TMA does). It says nothing of warp specialization,
+# pipelining or atomics' memory order (programs run one after another): the cuda tests below cover those.
+# Its bf16 conversion is numpy's, not the GPU's cvt.rn, so bf16 outputs are held to 1 ulp here and to bit
+# equality with the tiled kernel on the GPU.
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    import triton.runtime.interpreter as interp
+
+    from lsquant.inference import gemm_triton
+
+    orig = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        # NumPy >= 2.4 refuses int() of a 1-element array, which the interpreter does for range() bounds
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
+    # Triton's own @jit functions (tl.cdiv, ...) were decorated for compilation when triton was imported
+    # without TRITON_INTERPRET: called from an interpreted kernel, they are interpreted too
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setattr(JITFunction, "__call__", lambda self, *a, **k: interp.InterpretedFunction(self.fn)(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gemm_triton._build.cache_clear()
+    yield gemm_triton
+    gemm_triton._build.cache_clear()  # the next (compiled) caller rebuilds its own kernels
+
+
+# small tiles keep the interpreter fast; each kind of kernel, TMA with both epilogue forms
+INTERP_CONFIGS = {
+    "tiled": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2},
+    "tma-e2": {"KERNEL": "tma", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
+               "GROUP_M": 2, "EPI_SUBTILE": 2, "WARP_SPECIALIZE": False},
+    "tma-ws": {"KERNEL": "tma", "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
+               "GROUP_M": 1, "EPI_SUBTILE": 1, "WARP_SPECIALIZE": True},
+    "splitk": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
+               "GROUP_M": 1, "SPLIT_K": 4},
+}
+
+
+def _triton_case(M, N, K, out_dtype, activation, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (N, K), generator=g).to(torch.int8)
+    x = torch.randint(-127, 128, (M, K), generator=g).to(torch.int8)
+    if out_dtype == torch.int32:
+        return G.Int8Linear(w, out_dtype=torch.int32), x
+    w_clip = (torch.rand(N, generator=g) + 0.5) * 0.1
+    sigma = math.sqrt(K) / 3 * 2.0 * 0.1
+    layer = G.Int8Linear(w, w_clip=w_clip, x_clip=2.0, bias=torch.randn(N, generator=g), activation=activation,
+                         out_dtype=out_dtype, out_clip=3 * sigma + 1 if out_dtype == torch.int8 else None)
+    return layer, x
+
+
+def _run_triton(gt, layer, x, cfg):
+    return gt.int8_linear_triton(x, layer.weight, layer.alpha, layer.bias32, G.ACTIVATIONS[layer.activation],
+                                 layer.out_dtype, layer.out_inv_t, cfg)
+
+
+def _assert_matches_reference(y, want, out_dtype, activation, what):
+    assert y.dtype == want.dtype and y.shape == want.shape, what
+    if activation == "gelu" and out_dtype != torch.int32:
+        # erf differs by an ulp between numpy and PyTorch: a few ulps of the output, or 1 int8 step
+        tol = 1 if out_dtype == torch.int8 else 4 * torch.finfo(out_dtype).eps * want.float().abs().max().item()
+        assert (y.float() - want.float()).abs().max().item() <= tol, what
+    elif out_dtype == torch.bfloat16:
+        ulp = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-30)
+        assert ((y.float() - want.float()).abs() <= ulp).all(), what
+    else:
+        assert torch.equal(y, want), what  # int32, int8, fp16, fp32: bit-exact
+
+
+@pytest.mark.parametrize("kernel", list(INTERP_CONFIGS))
+@pytest.mark.parametrize("M,N,K", [(37, 72, 96), (100, 33, 160), (3, 40, 224)])
+def test_triton_kernels_interpreted_int_exact(triton_interpreter, kernel, M, N, K):
+    """int32 and int8 outputs of every kernel equal the reference bit for bit on odd shapes: M, N not tile
+    multiples, N = 33 (no TMA store: 33 bf16 rows are not 16-byte strided), several tiles per persistent
+    program (the interpreter runs 4), K split into 4 with a partial last split."""
+    cfg = INTERP_CONFIGS[kernel]
+    for out_dtype, act in ((torch.int32, "none"), (torch.int8, "relu"), (torch.int8, "none")):
+        layer, x = _triton_case(M, N, K, out_dtype, act)
+        y = _run_triton(triton_interpreter, layer, x, cfg)
+        assert torch.equal(y, layer(x)), (kernel, out_dtype, act)
+
+
+@pytest.mark.parametrize("kernel", list(INTERP_CONFIGS))
+def test_triton_kernels_interpreted_float_epilogue(triton_interpreter, kernel):
+    """Float outputs: the reference epilogue's fp32 operations in the same order (fp32 and fp16 exact)."""
+    cfg = INTERP_CONFIGS[kernel]
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for act in ("none", "relu", "gelu"):
+            layer, x = _triton_case(45, 64, 96, out_dtype, act, seed=1)
+            y = _run_triton(triton_interpreter, layer, x, cfg)
+            _assert_matches_reference(y, layer(x), out_dtype, act, (kernel, out_dtype, act))
+
+
+def test_triton_splitk_leaves_workspace_zeroed(triton_interpreter):
+    """The split-K kernel's last program per tile takes the sum and resets it: the workspace is zero after
+    each call, so back-to-back calls on one workspace stay exact."""
+    cfg = INTERP_CONFIGS["splitk"]
+    layer, x = _triton_case(5, 70, 200, torch.int32, "none")
+    for _ in range(2):
+        assert torch.equal(_run_triton(triton_interpreter, layer, x, cfg), layer(x))
+    ws, cnt = triton_interpreter._splitk_ws.get(torch.device("cpu"), 1, 1)
+    assert not ws.any() and not cnt.any()
+
+
+def test_triton_tma_config_with_unaligned_k_uses_pointer_loads(triton_interpreter):
+    """K % 16 != 0 (rows not 16-byte strided: no TMA descriptor): a TMA config runs the tiled kernel with
+    its tiles instead of failing."""
+    layer, x = _triton_case(20, 50, 67, torch.int8, "relu")
+    assert torch.equal(_run_triton(triton_interpreter, layer, x, INTERP_CONFIGS["tma-e2"]), layer(x))
+
+
+def test_triton_variant_configs_cpu():
+    """Which persistent TMA / split-K configs the tuner gets (pure Python: no Triton needed)."""
+    from lsquant.inference import gemm_triton as GT
+
+    for out_bytes in (1, 2, 4):
+        cfgs = GT.variant_configs(8192, 4096, 1024, out_bytes=out_bytes)
+        tma = [c for c in cfgs if c["KERNEL"] == "tma"]
+        assert 1 <= len(tma) <= 5 and all(GT.smem_bytes(c, out_bytes) <= GT.SMEM_LIMIT for c in tma)
+        assert sum(c["WARP_SPECIALIZE"] for c in tma) == 1
+        assert not any(c["KERNEL"] == "splitk" for c in cfgs)
+    # int32 output: a 128x256 tile with 4 stages does not fit (192 KiB + 64 KiB staging)
+    assert not any(c["BLOCK_M"] == 128 and c["BLOCK_N"] == 256 and c["num_stages"] == 4
+                   for c in GT.variant_configs(8192, 4096, 1024, out_bytes=4, n_tma=10))
+    assert not [c for c in GT.variant_configs(8192, 4096, 1000) if c["KERNEL"] == "tma"]  # K % 16 != 0
+    assert not GT.variant_configs(8192, 4096, 1024, tma=False)
+    # decoding: split-K where the tiles alone leave SMs idle, each split at least one K block
+    dec = GT.variant_configs(1, 1024, 4096)
+    assert dec and all(c["KERNEL"] == "splitk" and c["SPLIT_K"] > 1 for c in dec)
+    for c in dec:
+        tiles = -(-1 // c["BLOCK_M"]) * -(-1024 // c["BLOCK_N"])
+        assert tiles * c["SPLIT_K"] >= 0.9 * 132 or 2 * c["SPLIT_K"] * c["BLOCK_K"] > 4096
+        assert c["SPLIT_K"] * c["BLOCK_K"] <= 4096
+    assert not GT.variant_configs(8, 32000, 1024)  # 500 column tiles already fill the SMs
+    # names: the tiled kernel keeps gemm.choice_name's; the others say which kernel they are, all distinct
+    names = [GT.config_name(c) for c in GT.variant_configs(8192, 4096, 1024, n_tma=10, n_ws=5)]
+    names += [GT.config_name(c) for c in GT.variant_configs(1, 1024, 4096, n_splitk=10)]
+    assert len(set(names)) == len(names)
+    assert all(n.startswith(("triton-tma:", "triton-splitk")) for n in names)
+    tiled = GT.candidate_configs(8192, 4096, 1024)
+    assert [GT.config_name(c) for c in tiled] == [G.choice_name({"backend": "triton", "config": c}) for c in tiled]
+
+
+def test_tuner_names_triton_kernels_apart():
+    """A TMA config with the tiled kernel's tile shape must not be deduplicated away by the tuner."""
+    tiled = TRITON_CHOICE
+    tma = {"backend": "triton", "config": {**TRITON_CHOICE["config"], "KERNEL": "tma", "EPI_SUBTILE": 2,
+                                           "WARP_SPECIALIZE": False}}
+    assert T.choice_name(tiled) == G.choice_name(tiled) == "triton:128x256x128-w8-s3-g8"
+    assert T.choice_name(tma) == "triton-tma:128x256x128-w8-s3-g8-e2"
+    assert T.choice_name(LT_CHOICE) == G.choice_name(LT_CHOICE)
+
+
+# ---------------------------------------------------------------- Triton kernels (GPU) ----
+
+def _variant_cases(M, N, K, out_dtype):
+    """Every Triton variant the tuner may offer for this shape (whatever the ranking limits), and the tiled
+    kernel with the first tile config (the yardstick: same epilogue code, so float outputs equal it)."""
+    from lsquant.inference import gemm_triton as GT
+
+    ob = torch.empty((), dtype=out_dtype).element_size()
+    cfgs = GT.variant_configs(M, N, K, num_sms=GT.num_sms(), out_bytes=ob, n_tma=20, n_ws=5, n_splitk=10,
+                              tma=GT.tma_available(), ws=GT.warp_specialize_available())
+    return GT.candidate_configs(M, N, K, limit=1)[0], cfgs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", [torch.int32, torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 1024, 4096), (7, 100, 640), (77, 200, 304), (1000, 3072, 1024),
+                                   (300, 1000, 250)])
+def test_cuda_triton_variants_exact(out_dtype, M, N, K):
+    """Persistent TMA (plain and warp-specialized) and split-K kernels on the GPU: int outputs equal the CPU
+    reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
+    (one epilogue, compiled without FMA contraction)."""
+    from lsquant.inference import gemm_triton as GT
+
+    if not GT.available():
+        pytest.fail("Triton is expected on the GPU machine")
+    act = "none" if out_dtype == torch.int32 else "gelu"
+    layer = _cuda_layer(N, K, out_dtype, act)
+    x = rand_i8(M, K, device="cuda", nonzero=True)
+    base_cfg, cfgs = _variant_cases(M, N, K, out_dtype)
+    if M <= 64 and N >= 1000:
+        assert any(c["KERNEL"] == "splitk" for c in cfgs), "split-K offered for decoding"
+    if M > 64 and K % 16 == 0 and GT.tma_available():
+        assert any(c["KERNEL"] == "tma" for c in cfgs), "TMA offered on sm_90"
+    base = G.run_choice(layer, x, {"backend": "triton", "config": base_cfg})
+    want = _ref(layer, x)
+    if out_dtype in (torch.int32, torch.int8):
+        ok, detail = T.check_output(base.cpu(), want, out_dtype, act, 0.0)
+        assert ok, detail
+    for cfg in cfgs:
+        y = G.run_choice(layer, x, {"backend": "triton", "config": cfg})
+        y2 = G.run_choice(layer, x, {"backend": "triton", "config": cfg})  # split-K: the workspace reset
+        torch.cuda.synchronize()
+        assert torch.equal(y, base), (GT.config_name(cfg), (y.float() - base.float()).abs().max().item())
+        assert torch.equal(y2, base), GT.config_name(cfg)
+
+
+@pytest.mark.cuda
+def test_cuda_triton_variants_in_cuda_graph_and_unaligned():
+    """Split-K and TMA kernels replayed from a CUDA graph (how engines and the tuner run them) with inputs
+    rewritten in place, and a TMA config fed an operand view that is not 16-byte aligned."""
+    from lsquant.inference import gemm_triton as GT
+
+    layer = _cuda_layer(1024, 2048, torch.int8, "relu")
+    for M in (5, 300):
+        _, cfgs = _variant_cases(M, 1024, 2048, torch.int8)
+        for cfg in cfgs:
+            x = rand_i8(M, 2048, device="cuda")
+            choice = {"backend": "triton", "config": cfg}
+            G.run_choice(layer, x, choice)  # eager first: compiles, sizes the split-K workspace
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                G.run_choice(layer, x, choice)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = G.run_choice(layer, x, choice)
+            for seed in range(3):
+                x.copy_(rand_i8(M, 2048, device="cuda"))
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(y.cpu(), _ref(layer, x)), (GT.config_name(cfg), seed)
+    if GT.tma_available():
+        base = rand_i8(300, 2048 + 16, device="cuda")
+        xv = base[:, 1:2049]  # rows 2064 bytes apart, first element 1 byte past an aligned address
+        cfg = next(c for c in GT.variant_configs(300, 1024, 2048) if c["KERNEL"] == "tma")
+        y = G.run_choice(layer, xv, {"backend": "triton", "config": cfg})
+        assert torch.equal(y.cpu(), _ref(layer, xv))

@@ -1,4 +1,4 @@
-"""Triton int8 GEMM with the epilogue fused (a tuner candidate; CUDA only, Triton imported lazily).
+"""Triton int8 GEMM with the epilogue fused (tuner candidates; CUDA only, Triton imported lazily).
 
 Why: the cuBLASLt path writes the int32 accumulator to memory and the epilogue kernel reads it back (6-8
 bytes per output element; ~25% of the GEMM's time at 8192x4096x4096), and cuBLASLt's heuristic often
@@ -6,25 +6,52 @@ picks an Ampere-generation kernel on H100. Triton lowers ``tl.dot`` on int8 to H
 BLOCK_M >= 64) and applies the epilogue in registers; measured elsewhere on an H100, Inductor's Triton int8
 reached 1166 TOPS at 8192^3 where cuBLASLt gave 900-950.
 
-Arithmetic: the epilogue of :mod:`lsquant.inference.gemm`. The kernel is compiled with
+Three kernels, one epilogue (``_epilogue``, shared, so every variant rounds alike; on an H100 every variant's
+output equaled the tiled kernel's bit for bit, float and GELU included):
+
+- ``tiled`` (config without ``KERNEL``): one program per output tile, pointer loads (cp.async pipeline).
+  Its 128x128x128 3-stage config takes 96 KiB, so two programs share an SM and one's epilogue overlaps the
+  other's MMAs: on an H100, 891 TOPS at 8192x4096x1024 where the 144 KiB 128x256 tile (one program per SM)
+  gave 753-769.
+- ``tma``: persistent (one program per SM looping over tiles in grouped order), operands loaded by TMA
+  through host-side tensor descriptors, the tile loop flattened into the K loop (``tl.range(flatten=True)``)
+  so the next tile's loads are in flight during this tile's epilogue, the output stored by TMA (in two
+  halves with ``EPI_SUBTILE`` 2: half the staging buffer). On an H100 its 256x128 tile beat the tiled
+  256x128 by 5-9% (8192x4096x1024: 82.5 vs 89.3 us) but not the two-programs-per-SM 128x128 (77.1 us):
+  the epilogue still stalls the tensor cores of its SM. ``WARP_SPECIALIZE`` (Triton's automatic warp
+  specialization) would fix that; see :func:`warp_specialize_available` for why it is off on sm_90.
+  Needs sm_90+, K % 16 == 0 (TMA: 16-byte row strides) and 16-byte aligned operands (else copied).
+- ``splitk``: decoding (M <= 64): K split over ``SPLIT_K`` programs per tile, so that a 1024-column output
+  still puts ~128 programs to work streaming the weight (16x32 tiles alone: 32 programs at N = 1024). On
+  an H100, 1x1024x4096 took 5.9 us instead of 8.2 (bf16: 8.6). Partial int32 sums are added with integer
+  atomics into a workspace (exact and order-independent); the last program to arrive at a tile (a per-tile
+  counter) takes the sum, resets workspace and counter to zero (so no memset launch is needed) and runs the
+  epilogue.
+
+Arithmetic: the epilogue of :mod:`lsquant.inference.gemm`. The kernels are compiled with
 ``enable_fp_fusion=False`` (ptxas --fmad=false), so the multiply and the add are never contracted into an
 FMA and round exactly like the reference's two separate fp32 operations; rounding half to even uses the
 1.5 * 2^23 trick (no libdevice: the same code runs in Triton's CPU interpreter); the output's 1/scale comes
 precomputed (IEEE division in PyTorch), as Triton's ``/`` on fp32 is an approximate division.
 
 Layouts: x (M, K) row-major and w (N, K) row-major: both K-contiguous ("TN"), the only layout int8 wgmma
-takes; any M, N, K (masked loads), K contiguous (stride 1) required.
+takes; any M, N, K (masked loads, or TMA's zero fill), K contiguous (stride 1) required.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import os
+import threading
 
 import torch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M). Shared memory per stage is
 # (BLOCK_M + BLOCK_N) * BLOCK_K bytes: 128x256x128 x 3 stages = 144 KiB, under Hopper's 227 KiB.
 CONFIGS = [
+    # 96 KiB: two programs per SM, so one's epilogue overlaps the other's MMAs. On an H100 this was the best
+    # Triton config at 8192x4096x1024 (891 TOPS, 1.25x bf16) and 8192x1024x4096 (1202 TOPS, 1.52x)
+    (128, 128, 128, 4, 3, 8),
     (128, 256, 128, 8, 3, 8),
     (256, 128, 128, 8, 3, 8),
     (128, 128, 128, 8, 4, 8),
@@ -41,62 +68,244 @@ CONFIGS = [
     (32, 128, 128, 4, 4, 1),
 ]
 
+# Persistent TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, GROUP_M, EPI_SUBTILE,
+# WARP_SPECIALIZE[, CTAS_PER_SM]). CTAS_PER_SM 2 launches two programs per SM; 128x128x128x2 with them
+# (81 KiB each) measured 0.78-1.06x bf16 on an H100, behind 256x128 here and behind the tiled kernel's
+# 128x128x128x3 (two 96 KiB programs per SM, 1.15-1.52x), so no config here uses it. BLOCK_K 128 = 128
+# bytes of int8, one 128-byte swizzle row. Shared memory: stages x
+# (BLOCK_M + BLOCK_N) x BLOCK_K for the operands + BLOCK_M x BLOCK_N / EPI_SUBTILE x output bytes for the
+# TMA store's staging tile (pruned against 227 KiB by :func:`smem_bytes`; 256x128x128 x 4 stages = 192 KiB
+# + 32 KiB of bf16 half tile fits, with an int32 output it does not).
+TMA_CONFIGS = [
+    (256, 128, 128, 8, 3, 8, 2, False),  # H100: the best of these at 8192x4096x1024 (see NOTES_gemm.md)
+    (256, 128, 128, 8, 4, 8, 2, False),
+    (128, 256, 128, 8, 3, 8, 2, False),
+    (128, 128, 128, 4, 4, 8, 1, False),
+    (64, 256, 128, 4, 4, 8, 2, False),
+    (64, 128, 128, 4, 5, 8, 1, False),
+    # warp-specialized: with num_warps=4, Triton 3.6 on sm_90 adds a producer warp group (TMA loads) to two
+    # consumer warp groups (wgmma, epilogue): 12 warps, setmaxnreg; with num_warps=8 it leaves the loop
+    # alone (checked by compiling for sm_90). No TMA store and no flattening there (see the launch).
+    (128, 256, 128, 4, 3, 8, 1, True),
+    (128, 128, 128, 4, 4, 8, 1, True),
+]
+
+# Split-K for decoding (M <= 64): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); SPLIT_K is chosen
+# per shape by :func:`split_k_for` (enough programs for every SM, each with at least one full K block).
+SPLITK_CONFIGS = [
+    (16, 32, 256, 4, 3),
+    (16, 64, 128, 4, 4),
+    (32, 64, 128, 4, 4),
+    (16, 128, 128, 4, 4),
+]
+
+SMEM_LIMIT = 227 * 1024  # H100 / H200: the most shared memory one block may take (of 228 KiB per SM)
+SMEM_PER_SM = 228 * 1024
+MAX_SPLIT_K = 16
+
 
 def config_dict(c) -> dict:
     bm, bn, bk, w, s, g = c
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s, "GROUP_M": g}
 
 
+def tma_config_dict(c) -> dict:
+    bm, bn, bk, w, s, g, sub, ws = c[:8]
+    d = {"KERNEL": "tma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s,
+         "GROUP_M": g, "EPI_SUBTILE": sub, "WARP_SPECIALIZE": bool(ws)}
+    if len(c) > 8 and c[8] > 1:
+        d["CTAS_PER_SM"] = int(c[8])
+    return d
+
+
+def splitk_config_dict(c, split_k: int) -> dict:
+    bm, bn, bk, w, s = c
+    return {"KERNEL": "splitk", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": s,
+            "GROUP_M": 1, "SPLIT_K": int(split_k)}
+
+
+def config_name(c: dict) -> str:
+    """Short, stable name of a Triton config (the tuner's CSV column). The tiled kernel keeps the name
+    :func:`lsquant.inference.gemm.choice_name` gives it; the other kernels say which they are."""
+    tiles = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}-w{c['num_warps']}-s{c['num_stages']}"
+    kind = c.get("KERNEL", "tiled")
+    if kind == "tma":
+        return (f"triton-tma:{tiles}-g{c.get('GROUP_M', 8)}"
+                + (f"-e{c['EPI_SUBTILE']}" if c.get("EPI_SUBTILE", 1) > 1 else "")
+                + (f"-c{c['CTAS_PER_SM']}" if c.get("CTAS_PER_SM", 1) > 1 else "")
+                + ("-ws" if c.get("WARP_SPECIALIZE") else ""))
+    if kind == "splitk":
+        return f"triton-splitk{c['SPLIT_K']}:{tiles}"
+    return f"triton:{tiles}-g{c.get('GROUP_M', 8)}"
+
+
+def smem_bytes(c: dict, out_bytes: int = 2) -> int:
+    """Shared memory a config asks for: the operand stages, and for the TMA kernel the output staging tile
+    (BLOCK_M x BLOCK_N / EPI_SUBTILE x out_bytes), + 1 KiB of barriers and slack."""
+    b = c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] + 1024
+    if c.get("KERNEL") == "tma":
+        b += c["BLOCK_M"] * (c["BLOCK_N"] // c.get("EPI_SUBTILE", 1)) * out_bytes
+    return b
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (max(v, 1) - 1).bit_length())
+
+
+def _est(M: int, N: int, bm: int, bn: int, num_sms: int) -> float:
+    """Rough time of a tiling: waves of tiles over the SMs x work per tile, divided by the tile's arithmetic
+    intensity relative to 128x128 (BM*BN/(BM+BN) = 64 ops per byte loaded), capped at 1."""
+    tiles = -(-M // bm) * -(-N // bn)
+    waves = -(-tiles // num_sms)
+    intensity = bm * bn / (bm + bn)
+    return waves * bm * bn / min(1.0, intensity / 64.0)
+
+
 def candidate_configs(M: int, N: int, K: int, limit: int = 6, num_sms: int = 132) -> list[dict]:
-    """Configs worth timing for (M, N, K), most promising first.
+    """Configs of the tiled kernel worth timing for (M, N, K), most promising first.
 
     Pruning: no tile taller than twice M's next power of two (it would compute padding rows) and no
-    BLOCK_K beyond K's next power of two. Ranking by a rough time model: waves of tiles over the SMs
-    (ceil(tiles / num_sms)) x work per tile (BLOCK_M x BLOCK_N), divided by the tile's arithmetic intensity
-    relative to 128x128 (BM*BN/(BM+BN) = 64 ops per byte loaded), capped at 1. At M = 8192, N = 4096 this
-    ranks 128x256 and 256x128 (8 waves) with 128x128 (16 waves of half the work), and at M = 1 the
-    narrowest tiles first, as a bandwidth-bound GEMM wants as many SMs streaming weights as possible."""
-    mp2 = 1 << max(0, (max(M, 1) - 1).bit_length())
-    kp2 = 1 << max(0, (max(K, 1) - 1).bit_length())
+    BLOCK_K beyond K's next power of two. Ranking by :func:`_est`: at M = 8192, N = 4096 this ranks
+    128x256 and 256x128 (8 waves) with 128x128 (16 waves of half the work), and at M = 1 the narrowest
+    tiles first, as a bandwidth-bound GEMM wants as many SMs streaming weights as possible."""
+    mp2, kp2 = _next_pow2(M), _next_pow2(K)
     scored = []
     for i, c in enumerate(CONFIGS):
         bm, bn, bk = c[:3]
         if bm > max(16, 2 * mp2) or bk > max(32, kp2):
             continue
-        tiles = -(-M // bm) * -(-N // bn)
-        waves = -(-tiles // num_sms)
-        intensity = bm * bn / (bm + bn)
-        est = waves * bm * bn / min(1.0, intensity / 64.0)
-        scored.append((est, i, c))
+        scored.append((_est(M, N, bm, bn, num_sms), i, c))
     scored.sort()
     return [config_dict(c) for _, _, c in scored[:limit]]
 
 
-@functools.lru_cache(maxsize=1)
+def split_k_for(M: int, N: int, K: int, bm: int, bn: int, bk: int, num_sms: int = 132) -> int:
+    """The split of K for a decode tiling: doubled while the programs fill less than 90% of the SMs and
+    each split keeps at least one full BLOCK_K of K (at most MAX_SPLIT_K). 1 means "no split needed"."""
+    tiles = -(-M // bm) * -(-N // bn)
+    s = 1
+    while tiles * s < 0.9 * num_sms and 2 * s * bk <= K and 2 * s <= MAX_SPLIT_K:
+        s *= 2
+    return s
+
+
+def variant_configs(M: int, N: int, K: int, num_sms: int = 132, out_bytes: int = 2, n_tma: int = 4,
+                    n_ws: int = 1, n_splitk: int = 2, tma: bool = True, ws: bool = True) -> list[dict]:
+    """Configs of the persistent TMA kernel (M > 64, K % 16 == 0; n_tma plain + n_ws warp-specialized ones,
+    those whose shared memory fits, ranked by :func:`_est`) and of the split-K kernel (M <= 64, where the
+    split is > 1), most promising first. out_bytes: the output element's size (the TMA staging tile)."""
+    out: list[dict] = []
+    mp2, kp2 = _next_pow2(M), _next_pow2(K)
+    if tma and M > 64 and K % 16 == 0:
+        plain, spec = [], []
+        for i, c in enumerate(TMA_CONFIGS):
+            d = tma_config_dict(c)
+            bm, bn, bk = c[:3]
+            ctas = d.get("CTAS_PER_SM", 1)
+            if bm > max(64, 2 * mp2) or bk > max(32, kp2) or smem_bytes(d, out_bytes) > SMEM_LIMIT or (
+                    ctas * smem_bytes(d, out_bytes) > SMEM_PER_SM):
+                continue
+            item = (_est(M, N, bm, bn, num_sms), i, d)
+            (spec if d["WARP_SPECIALIZE"] else plain).append(item)
+        plain.sort(key=lambda t: t[:2])
+        spec.sort(key=lambda t: t[:2])
+        out += [d for _, _, d in plain[:n_tma]]
+        if ws:
+            out += [d for _, _, d in spec[:n_ws]]
+    if M <= 64 and n_splitk > 0:
+        scored = []
+        for i, c in enumerate(SPLITK_CONFIGS):
+            bm, bn, bk = c[:3]
+            if bm > max(16, 2 * mp2) or bk > max(32, kp2):
+                continue
+            s = split_k_for(M, N, K, bm, bn, bk, num_sms)
+            if s <= 1:
+                continue
+            tiles = -(-M // bm) * -(-N // bn)
+            # programs in the last wave (fuller is better), then the narrower tile (more weight streams)
+            waves = tiles * s / num_sms
+            scored.append((-(waves / max(1, -(-tiles * s // num_sms))), i, splitk_config_dict(c, s)))
+        scored.sort(key=lambda t: t[:2])
+        out += [d for _, _, d in scored[:n_splitk]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------------
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _kernel():
-    # Triton resolves the names a kernel uses in its module's globals (not in a closure), so the lazily
-    # imported modules are bound as globals of this module before the kernel is defined.
-    global triton, tl
+    """The tiled kernel (kept for callers of the single-kernel API)."""
+    return _kernels()["tiled"]
+
+
+def _kernels() -> dict:
+    # triton.jit decides at decoration time whether a function is compiled or interpreted
+    # (TRITON_INTERPRET): one set of kernels per mode, so a test that interprets on the CPU never leaves an
+    # interpreted kernel behind for CUDA callers in the same process.
+    return _build(_interpret())
+
+
+@functools.lru_cache(maxsize=1)
+def _build(interpret: bool) -> dict:
+    # Kernels resolve the names they use in this module's globals (the interpreter does not see closures),
+    # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
+    # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
+    global triton, tl, _epilogue, _tile_coords, _store_part
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                  OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr):
+        # OUT_KIND: 0 int32 accumulator, 1 int8 re-quantized, 2 float (OUT_TY)
+        if OUT_KIND == 0:
+            res = acc
+        else:
+            # plain * and +: the kernels are compiled with enable_fp_fusion=False, so each rounds once (no FMA)
+            alpha = tl.load(alpha_ptr + offs_n, mask=offs_n < N, other=0.0)
+            v = acc.to(tl.float32) * alpha[None, :]
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+                v = v + bias[None, :]
+            if ACT == 1:
+                v = tl.maximum(v, 0.0)
+            elif ACT == 2:
+                v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+            if OUT_KIND == 1:
+                inv = tl.load(inv_ptr)
+                t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
+                # round half to even: adding and removing 1.5 * 2^23 leaves no fraction bits in fp32, so the
+                # hardware's round-to-nearest-even does the rounding (exact for |t| <= 2^22)
+                q = (t + 12582912.0) - 12582912.0
+                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+                res = q.to(tl.int8)
+            else:
+                res = v.to(OUT_TY)
+        return res
+
+    @triton.jit
+    def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        # grouped ordering: GROUP_M row tiles share each column tile of w while it is in L2
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
 
     @triton.jit
     def int8_linear_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, M, N, K, stride_xm, stride_wn,
                            stride_om, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
-        # OUT_KIND: 0 int32 accumulator, 1 int8 re-quantized, 2 float (out_ptr's dtype)
         pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        # grouped ordering: GROUP_M row tiles share each column tile of w while it is in L2
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
+        pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -120,32 +329,123 @@ def _kernel():
 
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        if OUT_KIND == 0:
-            tl.store(out_ptrs, acc, mask=mask)
+        res = _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
+                        out_ptr.dtype.element_ty)
+        tl.store(out_ptrs, res, mask=mask)
+
+    @triton.jit
+    def _store_part(acc, off_m, off_n, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, TMA_STORE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+        offs_n = off_n + tl.arange(0, SUB_N)
+        res = _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
+                        out_ptr.dtype.element_ty)
+        if TMA_STORE:
+            # TMA clips the rows and columns past (M, N): no mask
+            out_desc.store([off_m, off_n], res)
         else:
-            # plain * and +: the kernel is compiled with enable_fp_fusion=False, so each rounds once (no FMA)
-            alpha = tl.load(alpha_ptr + offs_n, mask=offs_n < N, other=0.0)
-            v = acc.to(tl.float32) * alpha[None, :]
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-                v = v + bias[None, :]
-            if ACT == 1:
-                v = tl.maximum(v, 0.0)
-            elif ACT == 2:
-                v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-            if OUT_KIND == 1:
-                inv = tl.load(inv_ptr)
-                t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
-                # round half to even: adding and removing 1.5 * 2^23 leaves no fraction bits in fp32, so the
-                # hardware's round-to-nearest-even does the rounding (exact for |t| <= 2^22)
-                q = (t + 12582912.0) - 12582912.0
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                tl.store(out_ptrs, q.to(tl.int8), mask=mask)
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
+
+    @triton.jit
+    def int8_linear_tma_kernel(x_desc, w_desc, out_desc, out_ptr, alpha_ptr, bias_ptr, inv_ptr, M, N, K,
+                               stride_om, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                               GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, EPI_SUBTILE: tl.constexpr,
+                               TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        num_tiles = num_pid_m * num_pid_n
+        # the epilogue's tile index is a second counter, not the loop's: with the loops flattened, a value
+        # used both by the loads (pipelined ahead) and by the epilogue would have to be kept per stage
+        tile_c = start - NUM_PROGS
+        for tile_id in tl.range(start, num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            off_am = pid_m * BLOCK_M
+            off_bn = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for ki in range(k_tiles):
+                off_k = ki * BLOCK_K
+                a = x_desc.load([off_am, off_k])  # rows/columns past (M, K) read as zeros
+                b = w_desc.load([off_bn, off_k])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+            tile_c += NUM_PROGS
+            pid_m, pid_n = _tile_coords(tile_c, num_pid_m, num_pid_n, GROUP_M)
+            off_cm = pid_m * BLOCK_M
+            off_cn = pid_n * BLOCK_N
+            if EPI_SUBTILE == 2:
+                # two (BLOCK_M, BLOCK_N / 2) halves: half the staging tile, the first half's store overlaps
+                # the second half's arithmetic
+                acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                acc0, acc1 = tl.split(acc3)
+                _store_part(acc0, off_cm, off_cn, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr,
+                            inv_ptr, HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+                _store_part(acc1, off_cm, off_cn + BLOCK_N // 2, M, N, out_desc, out_ptr, stride_om, alpha_ptr,
+                            bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N // 2)
             else:
-                tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+                _store_part(acc, off_cm, off_cn, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr,
+                            HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N)
 
-    return int8_linear_kernel
+    @triton.jit
+    def int8_linear_splitk_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, ws_ptr, cnt_ptr, M, N, K,
+                                  stride_xm, stride_wn, stride_om, k_per_split, HAS_BIAS: tl.constexpr,
+                                  ACT: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                                  EVEN_K: tl.constexpr):
+        # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rm = tl.where(offs_m < M, offs_m, 0)
+        rn = tl.where(offs_n < N, offs_n, 0)
+        k0 = pid_k * k_per_split
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, k_per_split, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                kk = k0 + k + offs_k
+                a = tl.load(x_ptrs, mask=kk[None, :] < K, other=0)
+                b = tl.load(w_ptrs, mask=kk[:, None] < K, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
 
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        # this tile's int32 slot in the workspace (zero between launches)
+        ws_ptrs = (ws_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_N) + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N
+                   + tl.arange(0, BLOCK_N)[None, :])
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        # every thread's adds happen before the counter's release (barrier, then one release atomic)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # the last of the SPLIT_K programs: every partial sum is in; take the total and leave zeros
+            total = tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+            res = _epilogue(total, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
+                            out_ptr.dtype.element_ty)
+            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, res, mask=mask)
+
+    return {"tiled": int8_linear_kernel, "tma": int8_linear_tma_kernel, "splitk": int8_linear_splitk_kernel}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Availability
+# ------------------------------------------------------------------------------------------------------
 
 def available() -> bool:
     """True where Triton imports and a CUDA GPU is present."""
@@ -158,6 +458,60 @@ def available() -> bool:
     return True
 
 
+def _has_tensor_descriptors() -> bool:
+    try:
+        importlib.import_module("triton.tools.tensor_descriptor")
+        tl_ = importlib.import_module("triton.language")
+    except Exception:
+        return False
+    return hasattr(tl_, "tensor_descriptor") or hasattr(tl_, "make_tensor_descriptor")
+
+
+def tma_available(device=None) -> bool:
+    """The persistent TMA kernel can be offered: a CUDA GPU of compute capability >= 9.0 (TMA, wgmma) and a
+    Triton with host-side tensor descriptors (3.3+)."""
+    if not available():
+        return False
+    try:
+        if torch.cuda.get_device_capability(device)[0] < 9:
+            return False
+    except Exception:
+        return False
+    return _has_tensor_descriptors()
+
+
+def warp_specialize_available(device=None) -> bool:
+    """Whether warp-specialized TMA configs are offered. Triton's automatic warp specialization
+    (``tl.range(warp_specialize=True)``, Triton 3.4+) compiles for sm_90 (12 warps, setmaxnreg), but on an
+    H100 with Triton 3.6 both warp-specialized configs of TMA_CONFIGS hung at their first launch (512^3,
+    killed after 40 s), and a hung kernel would hang the tuner with it. So on sm_90 they are offered only
+    with LSQUANT_TRITON_WS=1 (for trying a newer Triton); on sm_100+ (Triton's documented target) always."""
+    try:
+        import triton
+
+        major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+        if (major, minor) < (3, 4) or not torch.cuda.is_available():
+            return False
+        cap = torch.cuda.get_device_capability(device)[0]
+    except Exception:
+        return False
+    if cap >= 10:
+        return True
+    return cap == 9 and os.environ.get("LSQUANT_TRITON_WS", "0") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def num_sms(device_index: int | None = None) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    return torch.cuda.get_device_properties(device_index if device_index is not None else
+                                            torch.cuda.current_device()).multi_processor_count
+
+
+# ------------------------------------------------------------------------------------------------------
+# Launch
+# ------------------------------------------------------------------------------------------------------
+
 _dummies: dict = {}
 
 
@@ -168,10 +522,61 @@ def _dummy(device) -> torch.Tensor:
     return t
 
 
+class _SplitKWorkspace:
+    """Zeroed int32 scratch (tile sums and arrival counters) of the split-K kernel, which leaves it zeroed.
+
+    Eager launches get one per (device, stream): launches on one stream run one after another, so no two
+    share a slot at once. Launches captured into CUDA graphs (captured on a stream of their own that PyTorch
+    picks) share one per device, sized by every eager call, as nothing may be allocated and zeroed during
+    capture; so two graphs holding split-K kernels must not be replayed concurrently on two streams (one
+    engine replays its graphs on one stream). Buffers only grow, and an outgrown one is kept alive, as a
+    captured graph may still point at it."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+        self._old: list = []
+        self._lock = threading.Lock()
+
+    def _grow(self, key, device, n_sum: int, n_cnt: int):
+        cur = self._bufs.get(key)
+        if cur is not None and cur[0].numel() >= n_sum and cur[1].numel() >= n_cnt:
+            return cur
+        n_sum = max(n_sum, 2 * cur[0].numel() if cur is not None else 1 << 16)
+        n_cnt = max(n_cnt, 2 * cur[1].numel() if cur is not None else 1 << 10)
+        new = (torch.zeros(n_sum, dtype=torch.int32, device=device),
+               torch.zeros(n_cnt, dtype=torch.int32, device=device))
+        if cur is not None:
+            self._old.append(cur)
+        self._bufs[key] = new
+        return new
+
+    def get(self, device: torch.device, n_sum: int, n_cnt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if device.type != "cuda":
+                return self._grow((str(device), None), device, n_sum, n_cnt)
+            graph_key = (str(device), "graph")
+            if torch.cuda.is_current_stream_capturing():
+                cur = self._bufs.get(graph_key)
+                if cur is None or cur[0].numel() < n_sum or cur[1].numel() < n_cnt:
+                    raise RuntimeError("the split-K workspace is sized by an eager call of the same shape before "
+                                       "CUDA graph capture")
+                return cur
+            self._grow(graph_key, device, n_sum, n_cnt)
+            return self._grow((str(device), torch.cuda.current_stream(device).cuda_stream), device, n_sum, n_cnt)
+
+
+_splitk_ws = _SplitKWorkspace()
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
+
+
 def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None, bias32: torch.Tensor | None,
                        act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict) -> torch.Tensor:
     """x2: int8 (M, K), w: int8 (N, K) -> (M, N) of out_dtype. alpha: fp32 (N,) (None for int32 output);
-    bias32: fp32 (N,) or None; act: 0/1/2 (none/relu/gelu); out_inv: fp32 (1,) 1/scale of the int8 output."""
+    bias32: fp32 (N,) or None; act: 0/1/2 (none/relu/gelu); out_inv: fp32 (1,) 1/scale of the int8 output.
+    config: a dict of :func:`config_dict`, :func:`tma_config_dict` or :func:`splitk_config_dict`."""
     import triton
 
     if x2.stride(-1) != 1:
@@ -184,11 +589,54 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
     d = _dummy(x2.device)
     c = config
-    grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-    _kernel()[grid](
-        x2, w, out, alpha if alpha is not None else d, bias32 if bias32 is not None else d,
-        out_inv if out_inv is not None else d, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        BLOCK_K=c["BLOCK_K"], GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % c["BLOCK_K"] == 0),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    epi = dict(HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind)
+    alpha_, bias_, inv_ = (alpha if alpha is not None else d, bias32 if bias32 is not None else d,
+                           out_inv if out_inv is not None else d)
+    kernel_kind = c.get("KERNEL", "tiled")
+    kernels = _kernels()
+
+    if kernel_kind == "tma" and K % 16 == 0 and M > 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if not _tma_ok(x2):
+            x2 = x2.clone()  # a fresh allocation: 16-byte aligned, rows of K bytes
+        if not _tma_ok(w):
+            w = w.clone()
+        sub = c.get("EPI_SUBTILE", 1)
+        ws = bool(c.get("WARP_SPECIALIZE", False))
+        x_desc = TensorDescriptor(x2, [M, K], [x2.stride(0), 1], [bm, bk])
+        w_desc = TensorDescriptor(w, [N, K], [w.stride(0), 1], [bn, bk])
+        # Triton 3.6's Hopper warp specialization fails on a TMA store in the epilogue and skips flattened
+        # loops (compiled for sm_90 on a CPU): its configs store with pointers and keep the loops nested
+        tma_store = (N * out.element_size()) % 16 == 0 and not ws
+        out_desc = TensorDescriptor(out, [M, N], [N, 1], [bm, bn // sub]) if tma_store else None
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        progs = (num_sms(x2.device.index) * c.get("CTAS_PER_SM", 1)) if x2.is_cuda else 4
+        progs = max(1, min(progs, tiles))
+        kernels["tma"][(progs,)](
+            x_desc, w_desc, out_desc, out, alpha_, bias_, inv_, M, N, K, out.stride(0), **epi, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), NUM_PROGS=progs, EPI_SUBTILE=sub,
+            TMA_STORE=tma_store, WARP_SPECIALIZE=ws, FLATTEN=not ws, num_warps=c["num_warps"],
+            num_stages=c["num_stages"], enable_fp_fusion=False)
+        return out
+
+    if kernel_kind == "splitk" and c.get("SPLIT_K", 1) > 1:
+        split = c["SPLIT_K"]
+        k_per_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        ws, cnt = _splitk_ws.get(x2.device, tiles * bm * bn, tiles)
+        kernels["splitk"][(tiles, split)](
+            x2, w, out, alpha_, bias_, inv_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
+            k_per_split, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+            EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"], num_stages=c["num_stages"],
+            enable_fp_fusion=False)
+        return out
+
+    # the tiled kernel (also where a TMA config meets K % 16 != 0: same tiles, pointer loads)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    kernels["tiled"][grid](
+        x2, w, out, alpha_, bias_, inv_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), **epi, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0), num_warps=c["num_warps"],
+        num_stages=c["num_stages"], enable_fp_fusion=False)
     return out

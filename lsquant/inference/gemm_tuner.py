@@ -7,7 +7,9 @@ twice PyTorch's own fp16/bf16 error), times the survivors and keeps the fastest:
 - cuBLASLt: its default (first heuristic) algorithm, the next heuristic results (up to 32 asked for) and
   algorithms enumerated by id x tile x stages x split-K (pruned: those whose wave count leaves fewer idle
   SMs first), each + the CUDA epilogue kernel;
-- the fused Triton kernel (:mod:`lsquant.inference.gemm_triton`), a few tile configs pruned by M;
+- the fused Triton kernels (:mod:`lsquant.inference.gemm_triton`): the tiled kernel, a few tile configs
+  pruned by M; on sm_90+ the persistent TMA kernel (M > 64), plain and warp-specialized; for decoding
+  (M <= 64) the split-K kernel;
 - "dequant": the fp16/bf16 GEMM on dequantized operands (float outputs only), the fallback that keeps
   the tuned kernel from ever being much slower than PyTorch's own GEMM.
 
@@ -40,8 +42,8 @@ from pathlib import Path
 
 import torch
 
-from .gemm import (ACTIVATIONS, OUT_NAMES, Int8Linear, choice_name, default_choice, epilogue_ref, run_choice,
-                   tops)
+from .gemm import (ACTIVATIONS, OUT_NAMES, Int8Linear, default_choice, epilogue_ref, run_choice, tops)
+from .gemm import choice_name as _gemm_choice_name
 
 log = logging.getLogger("lsquant.gemm")
 
@@ -283,6 +285,42 @@ def chunked_candidates(M: int, N: int, algos: list[dict]) -> list[dict]:
     return out
 
 
+def choice_name(choice: dict) -> str:
+    """Short, stable name of a kernel choice (CSV column, summary table, the tuner's dedup key): a Triton
+    choice is named by its kernel too (``triton:``, ``triton-tma:``, ``triton-splitk4:``), as two kernels
+    may share a tile shape."""
+    if choice.get("backend") == "triton" and isinstance(choice.get("config"), dict) and choice["config"].get("KERNEL"):
+        from .gemm_triton import config_name
+
+        return config_name(choice["config"])
+    return _gemm_choice_name(choice)
+
+
+def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: int = 6, n_tma: int = 4,
+                      n_ws: int = 1, n_splitk: int = 2) -> list[dict]:
+    """The Triton choices for this shape: n_triton tiled configs; on sm_90+ with tensor descriptors, n_tma
+    persistent TMA configs and n_ws warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227
+    KiB for this output type); n_splitk split-K configs (M <= 64, where splitting K fills more SMs).
+    [] without Triton or a GPU; never raises (a variant that cannot be offered is just left out)."""
+    from . import gemm_triton
+
+    if not gemm_triton.available():
+        log.info("Triton not available: no Triton candidates")
+        return []
+    out = [{"backend": "triton", "config": c} for c in gemm_triton.candidate_configs(M, N, K, n_triton)]
+    try:
+        sms = gemm_triton.num_sms()
+        tma = gemm_triton.tma_available()
+        ws = tma and gemm_triton.warp_specialize_available()
+        out_bytes = torch.empty((), dtype=out_dtype).element_size()
+        out += [{"backend": "triton", "config": c} for c in gemm_triton.variant_configs(
+            M, N, K, num_sms=sms, out_bytes=out_bytes, n_tma=n_tma if tma else 0, n_ws=n_ws if ws else 0,
+            n_splitk=n_splitk, tma=tma, ws=ws)]
+    except Exception as e:  # a probe that fails leaves the tiled kernel's candidates
+        log.warning("Triton TMA / split-K candidates unavailable for M=%d N=%d K=%d: %s", M, N, K, e)
+    return out
+
+
 def candidates(M: int, N: int, K: int, out_dtype: torch.dtype, backends=("cublaslt", "triton", "dequant"),
                n_triton: int = 6, n_heuristic: int = 8, n_enumerated: int = 8) -> list[dict]:
     """Kernel choices to try for this shape, the default first."""
@@ -293,12 +331,7 @@ def candidates(M: int, N: int, K: int, out_dtype: torch.dtype, backends=("cublas
         if out_dtype != torch.int32:
             cands += chunked_candidates(M, N, lt[:2])
     if "triton" in backends:
-        from . import gemm_triton
-
-        if gemm_triton.available():
-            cands += [{"backend": "triton", "config": c} for c in gemm_triton.candidate_configs(M, N, K, n_triton)]
-        else:
-            log.info("Triton not available: no Triton candidates")
+        cands += triton_candidates(M, N, K, out_dtype, n_triton)
     if "dequant" in backends and out_dtype in (torch.float16, torch.bfloat16):
         cands.append({"backend": "dequant"})
     return cands
