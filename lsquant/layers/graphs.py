@@ -55,6 +55,15 @@ def graphed(module: nn.Module, sample_args, *, num_warmup_iters: int = 3, pool=N
     torch.cuda.make_graphed_callables(module, args, num_warmup_iters=num_warmup_iters,
                                       allow_unused_input=allow_unused_input, pool=pool)
     replay = module.forward  # make_graphed_callables' forward: the graphs in the captured state, else eager
+    # The backward graph hands out its static gradient buffers (detached views of graph memory). Autograd would
+    # adopt such a buffer as a parameter's .grad when .grad is None; the next replay then writes the new gradient
+    # into .grad itself, and accumulating it again doubles it under zero_grad(set_to_none=False). (That is how a
+    # graphed model trained with SGD + momentum parted from the eager one after its second step on an H100:
+    # tests/test_layers_cuda.py::test_graphed_model_trains_like_eager.) A hook on each parameter hands autograd
+    # a copy instead: one copy of the gradients per step.
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(torch.Tensor.clone)
 
     def forward(*call_args, **kwargs):
         if module.training == training:  # the graphs run: check what the copy into their inputs would miss
