@@ -276,3 +276,102 @@ def test_device_search_on_cuda_equals_the_cpu_reference():
     kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, top_k=4, seed=5)
     assert torch.equal(decoding.sample(dev, 5, device="cuda", **kw)[0].cpu(),
                        _ref_sample(ref, 5, device="cpu", **kw)[0])
+
+
+# ---- diverse beam search ------------------------------------------------------------------------------------------
+
+class SmoothDecoder(RandomDecoder):
+    """RandomDecoder with continuous logits: no exact ties, so a plain Python sort ranks as topk does."""
+
+    def __init__(self, rows, vocab, seed, eos_bias=0.0, device="cpu"):
+        super().__init__(rows, vocab, seed, eos_bias, device)
+        g = torch.Generator().manual_seed(seed + 1000)
+        self.table = (torch.randn(61, vocab, generator=g) * 2).to(device)
+        self.table[:, EOS] += eos_bias
+
+
+def _ref_diverse_beam_search(decoder, batch, beams, groups, strength, bos, eos, pad, max_len, length_penalty=1.0,
+                             min_len=0):
+    """Diverse beam search written sentence by sentence, group by group, in Python (the rules of
+    decoding._BeamSearch, independently)."""
+    K, Kg, N = beams, beams // groups, batch * beams
+    seqs = [[] for _ in range(N)]
+    scores = [[0.0 if k % Kg == 0 else float("-inf") for k in range(K)] for _ in range(batch)]
+    last = torch.full((N,), bos, dtype=torch.long)
+    finished = [[] for _ in range(batch)]
+    for t in range(max_len):
+        lp = _ref_log_probs(decoder.step(last, t), t, max_len, eos, (pad, bos), min_len)
+        V = lp.shape[-1]
+        rows, toks, new_scores = [], [], []
+        open_at_start = [len(f) < K for f in finished]
+        for b in range(batch):
+            chosen = torch.zeros(V, dtype=torch.float32)
+            for g in range(groups):
+                cands = []
+                for k in range(g * Kg, (g + 1) * Kg):
+                    # fp32, in the order the search computes it: score + (log-prob - strength * count)
+                    row_lp = lp[b * K + k] - strength * chosen if g else lp[b * K + k]
+                    vec = torch.tensor(scores[b][k], dtype=torch.float32) + row_lp
+                    cands += [(s, k, v) for v, s in enumerate(vec.tolist())]
+                cands.sort(key=lambda c: -c[0])
+                cands = cands[:2 * Kg]
+                for s, k, v in cands[:Kg]:
+                    if v == eos and s > float("-inf") and open_at_start[b]:
+                        finished[b].append((s / (t + 1) ** length_penalty, seqs[b * K + k] + [eos]))
+                cont = [c for c in cands if c[2] != eos][:Kg]
+                assert len(cont) == Kg   # the vocabularies here are large enough
+                for s, k, v in cont:
+                    rows.append(b * K + k)
+                    toks.append(v)
+                    new_scores.append(s)
+                    chosen[v] += 1.0
+        if all(len(f) >= K for f in finished):
+            break
+        seqs = [seqs[r] + [v] for r, v in zip(rows, toks)]
+        decoder.reorder(torch.tensor(rows))
+        last = torch.tensor(toks)
+        scores = [new_scores[b * K:(b + 1) * K] for b in range(batch)]
+    results, result_scores = [], []
+    for b in range(batch):
+        hyps = sorted(finished[b], key=lambda h: -h[0])[:K]
+        results.append([h[1] for h in hyps])
+        result_scores.append([h[0] for h in hyps])
+    return _ref_pad_results(results, pad, "cpu"), torch.tensor(result_scores, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("batch,beams,groups", [(1, 4, 2), (3, 4, 4), (2, 6, 3), (2, 3, 1)])
+@pytest.mark.parametrize("strength", [0.0, 0.37, 3.0])
+def test_diverse_beam_search_equals_the_reference(batch, beams, groups, strength):
+    for max_len, min_len, alpha, bias in [(6, 0, 1.0, 1.0), (12, 3, 0.6, 0.5), (9, 0, 0.0, 2.0)]:
+        for persistent in (None, {}):
+            ref = SmoothDecoder(batch * beams, 14, beams + groups, bias)
+            new = SmoothDecoder(batch * beams, 14, beams + groups, bias)
+            if persistent is not None:   # with an engine's persistent state buffers
+                table, new = new.table, PersistentRandomDecoder(batch * beams, 14, 0, shared=persistent)
+                new.table = table
+            kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len, length_penalty=alpha, min_len=min_len)
+            want = _ref_diverse_beam_search(ref, batch, beams, groups, strength, **kw)
+            got = decoding.beam_search(new, batch, beams, device="cpu", diverse_groups=groups,
+                                       diverse_strength=strength, **kw)
+            assert torch.equal(got[0], want[0]), (got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+def test_diverse_groups_take_different_words():
+    """One beam per group and a large strength: every group starts with a different first token, where plain
+    beam search's beams can share one."""
+    B, K, L = 3, 4, 5
+    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=L, min_len=L, device="cpu")
+    toks, _ = decoding.beam_search(SmoothDecoder(B * K, 14, 3), B, K, diverse_groups=K, diverse_strength=100.0, **kw)
+    for b in range(B):
+        assert len(set(toks[b, :, 0].tolist())) == K, toks[b]
+    plain, _ = decoding.beam_search(SmoothDecoder(B * K, 14, 3), B, K, **kw)
+    assert any(len(set(plain[b, :, 0].tolist())) < K for b in range(B))   # the contrast that makes the test bite
+
+
+def test_diverse_arguments_are_checked():
+    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=5, device="cpu")
+    with pytest.raises(ValueError, match="divisor of the beam size 4"):
+        decoding.beam_search(SmoothDecoder(8, 14, 0), 2, 4, diverse_groups=3, **kw)
+    with pytest.raises(ValueError, match="diverse_strength"):
+        decoding.beam_search(SmoothDecoder(8, 14, 0), 2, 4, diverse_groups=2, diverse_strength=-1.0, **kw)

@@ -150,6 +150,7 @@ def test_static_step_crosses_cache_buckets(trained, test_src, tmp_path):
     eng = FloatEngine(export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32"), max_batch_size=8)
     src = test_src[:6]
     for method, kw in (("greedy", {}), ("beam", {}), ("beam", dict(beam_size=2, length_penalty=0.6)),
+                       ("beam", dict(beam_size=2, diverse_groups=2, diverse_strength=0.8)),
                        ("sample", dict(top_k=5, seed=3)), ("sample", dict(top_p=0.8, temperature=1.3, seed=4))):
         tokens = _same_as_model(eng, trained, src, method, max_len=22, min_len=20, **kw)
         assert tokens.shape[-1] >= 20
@@ -172,7 +173,7 @@ def test_requests_of_every_shape_back_to_back(trained, test_src, tmp_path):
     short[:, -1] = 2
     requests = [(test_src[:3], "beam", {}), (short[:8], "greedy", {}), (test_src[:1], "sample", dict(top_k=3, seed=1)),
                 (short[:5], "beam", dict(beam_size=2)), (test_src[8:16], "beam", dict(max_len=19, min_len=17)),
-                (test_src[:3], "beam", {})]
+                (test_src[:3], "beam", dict(beam_size=2, diverse_groups=2)), (test_src[:3], "beam", {})]
     first = None
     for src, method, kw in requests:
         out = _same_as_model(eng, trained, src, method, **kw)
@@ -337,7 +338,8 @@ def test_cuda_graphs_give_the_eager_tokens(trained, test_src, tmp_path, precisio
     requests = [(src[:16], "beam", {}), (src[16:20], "greedy", dict(max_len=22, min_len=20)),
                 (short[:7], "sample", dict(top_k=4, seed=2)), (src[20:36], "beam", {}),
                 (src[:16], "beam", {}), (short[3:5], "beam", dict(beam_size=2, max_len=20, min_len=18)),
-                (src[40:56], "greedy", {}), (src[16:20], "greedy", dict(max_len=22, min_len=20))]
+                (src[40:56], "greedy", {}), (src[16:20], "greedy", dict(max_len=22, min_len=20)),
+                (src[:8], "beam", dict(beam_size=2, diverse_groups=2, diverse_strength=0.7))]
     for src_i, method, kw in requests:
         a, sa = graphed.infer(src_i, method, **kw)
         b, sb = eager.infer(src_i, method, **kw)

@@ -154,21 +154,30 @@ class _PathSearch(_Search):
 
 class _BeamSearch(_Search):
     """Beam search state: live beams (scores [B, K], token rows [N, L]) and the K best finished hypotheses of
-    each sentence (normalised scores in fp64 [B, K], -inf = empty; token rows [B, K, L]; how many finished)."""
+    each sentence (normalised scores in fp64 [B, K], -inf = empty; token rows [B, K, L]; how many finished).
+
+    Diverse beam search (groups G > 1, Vijayakumar et al. 2018, the rule of fairseq's and Hugging Face's group
+    beam search): the K beams form G groups of K / G that search side by side; at each step group g's
+    log-probabilities are lowered by strength x (how many beams of groups 0..g-1 continue with that token at
+    this step), so the groups take different words; the penalty stays in the hypotheses' scores. The groups
+    share each sentence's K finished slots. G = 1 is plain beam search."""
 
     reorders = True
 
-    def __init__(self, decoder, batch, beams, bos, eos, pad, max_len, min_len, device, length_penalty):
+    def __init__(self, decoder, batch, beams, bos, eos, pad, max_len, min_len, device, length_penalty,
+                 groups: int = 1, strength: float = 0.0):
         B, K = batch, beams
         super().__init__(decoder, B, K, bos, eos, pad, max_len, min_len, device)
         a, L = self.alloc, self.L
-        self.B, self.K, self.key = B, K, ("beam", B, K, L, bos, eos, pad)
+        self.G, self.strength = groups, float(strength) if groups > 1 else 0.0
+        self.B, self.K, self.key = B, K, ("beam", B, K, L, bos, eos, pad, self.G, self.strength)
         self.rows = a("rows", (B * K,), torch.long)
         torch.arange(B * K, out=self.rows)
         self.base = a("base", (B, 1), torch.long)
         torch.arange(0, B * K, K, out=self.base[:, 0])
         self.scores = a("scores", (B, K), torch.float32).zero_()
-        self.scores[:, 1:] = NEG_INF   # all beams start identical: expand only the first
+        # all beams of a group start identical: expand only the group's first
+        self.scores.view(B, self.G, K // self.G)[:, :, 1:] = NEG_INF
         self.seqs = a("seqs", (B * K, L), torch.long).fill_(pad)
         self.fin_scores = a("fin_scores", (B, K), torch.float64).fill_(NEG_INF)
         self.fin_tokens = a("fin_tokens", (B, K, L), torch.long).fill_(pad)
@@ -181,36 +190,53 @@ class _BeamSearch(_Search):
     def update(self, logits: torch.Tensor) -> None:
         """logits [N, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes).
 
-        The 2K best (beam, token) extensions of each sentence are ranked; those among the first K ranks that
-        end in </s> finish (if the sentence has fewer than K finished hypotheses at the start of the step),
-        and the K best that do not end continue. Finished hypotheses are merged by a stable sort on the fp64
-        normalised score: ties keep the order of finishing (earlier step first, then better rank), which is
-        the order of a stable sort of all finished hypotheses by score, kept to the K best."""
-        B, K, N, t, eos = self.B, self.K, self.N, self.t, self.eos
+        In each group of Kg = K / G beams the 2Kg best (beam, token) extensions of each sentence are ranked;
+        those among the first Kg ranks that end in </s> finish (if the sentence has fewer than K finished
+        hypotheses at the start of the step), and the Kg best that do not end continue. Finished hypotheses are
+        merged by a stable sort on the fp64 normalised score: ties keep the order of finishing (earlier step
+        first, then lower group, then better rank), which is the order of a stable sort of all finished
+        hypotheses by score, kept to the K best."""
+        B, K, G, N, t, eos, L = self.B, self.K, self.G, self.N, self.t, self.eos, self.L
+        Kg = K // G
         lp = log_probs(logits, t, self.limits, eos, self.banned)   # [N, V]
         V = lp.shape[-1]
-        cand = (self.scores.reshape(N, 1) + lp).reshape(B, K * V)
-        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)                  # [B, 2K], best first
-        beam_i, tok = top_i // V, top_i % V
-        is_eos = tok == eos
-        # finish: </s> among the first K ranks, finite, in a sentence still open
-        J = min(K, top_s.shape[1])
-        s_j = top_s[:, :J]
-        new_ok = is_eos[:, :J] & (s_j > NEG_INF) & (self.count < K)[:, None]
-        new_s = torch.where(new_ok, s_j.double() / self.norm.index_select(0, t), NEG_INF)
-        new_tok = self.seqs.index_select(0, (self.base + beam_i[:, :J]).reshape(-1)).index_fill_(1, t, eos)
-        all_s = torch.cat([self.fin_scores, new_s], dim=1)                  # [B, K + J]: old slots first
-        all_tok = torch.cat([self.fin_tokens, new_tok.reshape(B, J, self.L)], dim=1)
+        lp = lp.view(B, K, V)
+        is_open = (self.count < K)[:, None]
+        norm_t = self.norm.index_select(0, t)
+        chosen = torch.zeros(B, V, dtype=lp.dtype, device=lp.device) if G > 1 else None
+        fin_s, fin_tok, keep_s, keep_rows, keep_tok, n_new = [self.fin_scores], [self.fin_tokens], [], [], [], 0
+        for g in range(G):
+            lpg = lp[:, g * Kg:(g + 1) * Kg]
+            if g and self.strength:
+                lpg = lpg - self.strength * chosen[:, None, :]
+            cand = (self.scores[:, g * Kg:(g + 1) * Kg, None] + lpg).reshape(B, Kg * V)
+            top_s, top_i = cand.topk(min(2 * Kg, Kg * V), dim=1)            # [B, 2Kg], best first
+            beam_i, tok = top_i // V + g * Kg, top_i % V
+            is_eos = tok == eos
+            # finish: </s> among the first Kg ranks, finite, in a sentence still open
+            J = min(Kg, top_s.shape[1])
+            s_j = top_s[:, :J]
+            new_ok = is_eos[:, :J] & (s_j > NEG_INF) & is_open
+            fin_s.append(torch.where(new_ok, s_j.double() / norm_t, NEG_INF))
+            fin_tok.append(self.seqs.index_select(0, (self.base + beam_i[:, :J]).reshape(-1))
+                           .index_fill_(1, t, eos).reshape(B, J, L))
+            n_new = n_new + new_ok.sum(dim=1)
+            # the Kg best continuations that do not end here (stable: ties keep the topk order)
+            masked = top_s.masked_fill(is_eos, NEG_INF)
+            keep = masked.topk(Kg, dim=1).indices.sort(dim=1).values       # [B, Kg], in rank order
+            keep_s.append(masked.gather(1, keep))
+            keep_rows.append(self.base + beam_i.gather(1, keep))
+            keep_tok.append(tok.gather(1, keep))
+            if chosen is not None:   # what this group continues with, for the groups after it
+                chosen.scatter_add_(1, keep_tok[-1], (keep_s[-1] > NEG_INF).to(chosen.dtype))
+        all_s, all_tok = torch.cat(fin_s, dim=1), torch.cat(fin_tok, dim=1)     # [B, K + G * J]: old slots first
         best = all_s.sort(dim=1, descending=True, stable=True).indices[:, :K]
         self.fin_scores.copy_(all_s.gather(1, best))
-        self.fin_tokens.copy_(all_tok.gather(1, best[:, :, None].expand(B, K, self.L)))
-        self.count.add_(new_ok.sum(dim=1))
-        # the K best continuations that do not end here (stable: ties keep the topk order)
-        masked = top_s.masked_fill(is_eos, NEG_INF)
-        keep = masked.topk(K, dim=1).indices.sort(dim=1).values            # [B, K], in rank order
-        self.scores.copy_(masked.gather(1, keep))
-        rows = (self.base + beam_i.gather(1, keep)).reshape(N)
-        nxt = tok.gather(1, keep).reshape(N)
+        self.fin_tokens.copy_(all_tok.gather(1, best[:, :, None].expand(B, K, L)))
+        self.count.add_(n_new)
+        self.scores.copy_(torch.cat(keep_s, dim=1))
+        rows = torch.cat(keep_rows, dim=1).reshape(N)
+        nxt = torch.cat(keep_tok, dim=1).reshape(N)
         self.seqs.copy_(self.seqs.index_select(0, rows))
         self.seqs.index_copy_(1, t, nxt[:, None])
         self.rows.copy_(rows)
@@ -260,15 +286,22 @@ def sample(decoder, batch: int, bos: int, eos: int, pad: int, max_len: int, devi
 
 @torch.no_grad()
 def beam_search(decoder, batch: int, beams: int, bos: int, eos: int, pad: int, max_len: int, device,
-                length_penalty: float = 1.0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                length_penalty: float = 1.0, min_len: int = 0, diverse_groups: int = 1,
+                diverse_strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search. At each step the 2 * beams best (beam, token) extensions of each sentence are ranked;
     those among the first `beams` that end in </s> are finished (score / length ** length_penalty), and the
     `beams` best that do not end continue. A sentence is done once it has `beams` finished hypotheses (the
     early stop of fairseq). Equal finished scores keep the order in which they finished. -> tokens
     [B, beams, T], scores [B, beams] (-inf with tokens [</s>] where the vocabulary is too small to fill the
-    beams)."""
+    beams). diverse_groups > 1: diverse beam search (see _BeamSearch) in that many groups of beams (a divisor
+    of beams), each token's log-probability in a group lowered by diverse_strength per beam of an earlier group
+    that continues with it at that step."""
+    if not isinstance(diverse_groups, int) or diverse_groups < 1 or beams % diverse_groups:
+        raise ValueError(f"diverse_groups must be a positive divisor of the beam size {beams}, got {diverse_groups!r}")
+    if not diverse_strength >= 0:
+        raise ValueError(f"diverse_strength must be >= 0, got {diverse_strength!r}")
     return _run(decoder, _BeamSearch(decoder, batch, beams, bos, eos, pad, max_len, min_len, device,
-                                     length_penalty))
+                                     length_penalty, diverse_groups, diverse_strength))
 
 
 def repeat_rows(x: torch.Tensor, beams: int) -> torch.Tensor:
@@ -280,7 +313,8 @@ def repeat_rows(x: torch.Tensor, beams: int) -> torch.Tensor:
 
 def generate(make_decoder, encoder_out: torch.Tensor, src_mask: torch.Tensor, *, method: str, beam_size: int,
              length_penalty: float, bos: int, eos: int, pad: int, max_len: int, min_len: int = 0, top_k: int = 0,
-             top_p: float = 1.0, temperature: float = 1.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             top_p: float = 1.0, temperature: float = 1.0, seed: int = 0, diverse_groups: int = 1,
+             diverse_strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on method ("beam", "greedy", "sample") for a model or an engine: make_decoder(encoder_out,
     src_mask, beams) builds its decoder over batch * beams rows (row b * beams + k reads sentence b: see
     repeat_rows). encoder_out: (B, S, H); src_mask: (B, S) bool, True = padding."""
@@ -294,4 +328,4 @@ def generate(make_decoder, encoder_out: torch.Tensor, src_mask: torch.Tensor, *,
     if method != "beam":
         raise ValueError(f"method must be 'beam', 'greedy' or 'sample', got {method!r}")
     return beam_search(make_decoder(encoder_out, src_mask, beam_size), B, beam_size, length_penalty=length_penalty,
-                       **common)
+                       diverse_groups=diverse_groups, diverse_strength=diverse_strength, **common)

@@ -398,11 +398,13 @@ class _Engine:
     @torch.inference_mode()
     def infer(self, src_ids, method: str = "beam", beam_size: int | None = None, length_penalty: float | None = None,
               max_len: int | None = None, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-              seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              seed: int = 0, min_len: int = 0, diverse_groups: int = 1,
+              diverse_strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """src_ids (batch, src_len) int ids padded with the file's pad id -> (tokens (batch, beams, tgt_len) int64,
         without <s>, padded after </s>; scores (batch, beams) fp32, best first). method: "beam" (beam_size,
-        length_penalty), "greedy", or "sample" (top_k, top_p, temperature, seed). max_len: the longest output
-        (default: the model's rule for the source length, at most the engine's max_tgt_len)."""
+        length_penalty; diverse beam search with diverse_groups > 1 groups, diverse_strength), "greedy", or
+        "sample" (top_k, top_p, temperature, seed). max_len: the longest output (default: the model's rule for
+        the source length, at most the engine's max_tgt_len)."""
         src = self.check_input(src_ids)
         B, S = src.shape
         K = beam_size or self.beam_size
@@ -422,7 +424,7 @@ class _Engine:
             lambda e, m, k: self._Decoder(self, e, m, k), enc, mask, method=method, beam_size=K,
             length_penalty=self.length_penalty if length_penalty is None else length_penalty, bos=self.bos,
             eos=self.eos, pad=self.pad, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
-            temperature=temperature, seed=seed)
+            temperature=temperature, seed=seed, diverse_groups=diverse_groups, diverse_strength=diverse_strength)
 
 
 class QuantTransformer(_Engine):

@@ -168,9 +168,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, src: torch.Tensor, method: str = "beam", beam_size: int | None = None,
                  length_penalty: float | None = None, max_len: int | None = None, top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, seed: int = 0, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float = 1.0, seed: int = 0, min_len: int = 0, diverse_groups: int = 1,
+                 diverse_strength: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) int64 -> (tokens (B, beams, T) int64 without <s>, padded after </s>; scores (B, beams)).
-        method: "beam", "greedy" or "sample" (top_k / top_p / temperature / seed)."""
+        method: "beam" (diverse beam search with diverse_groups > 1), "greedy" or "sample" (top_k / top_p /
+        temperature / seed)."""
         c = self.config
         was_training = self.training
         self.eval()
@@ -182,7 +184,7 @@ class Transformer(nn.Module):
                 beam_size=beam_size or c.beam_size,
                 length_penalty=c.length_penalty if length_penalty is None else length_penalty, bos=c.bos_id,
                 eos=c.eos_id, pad=c.pad_id, max_len=max_len, min_len=min_len, top_k=top_k, top_p=top_p,
-                temperature=temperature, seed=seed)
+                temperature=temperature, seed=seed, diverse_groups=diverse_groups, diverse_strength=diverse_strength)
         finally:
             self.train(was_training)
 
