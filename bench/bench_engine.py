@@ -38,6 +38,24 @@ MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
 VOCAB, NEW = 32000, 32
 
 
+def make_files(mname: str, tmp: Path) -> tuple[TransformerConfig, Path, Path, Path]:
+    """A 6+6-layer model of MODELS[mname] with random weights (seed 0), calibrated (max) on random batches ->
+    (config, fp32 checkpoint, fp16 export, int8 export), written under tmp."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0,
+                            max_seq_len=128, max_batch_tokens=128 * 4 * 128, beam_size=4, **MODELS[mname])
+    model = Transformer(cfg).eval()
+    fp32_path = model.save(tmp / f"{mname}.pt")
+    model = model.cuda()
+    calib = [(torch.randint(4, VOCAB, (16, 32), device="cuda"), torch.randint(4, VOCAB, (16, 32), device="cuda"))]
+    lsquant.calibrate(model, calib, method="max", progress=False)
+    fp16_file = export_transformer(model, tmp / f"{mname}_fp16.h5", "fp16")
+    int8_file = export_transformer(model, tmp / f"{mname}_int8.h5", "int8")
+    del model
+    torch.cuda.empty_cache()
+    return cfg, fp32_path, Path(fp16_file), Path(int8_file)
+
+
 def timed(fn, reps=3):
     fn()
     torch.cuda.synchronize()
@@ -91,22 +109,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     for mname in args.models:
         sizes = MODELS[mname]
-        torch.manual_seed(0)
-        cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0,
-                                max_seq_len=128, max_batch_tokens=128 * 4 * 128, beam_size=4, **sizes)
-        model = Transformer(cfg).eval()
-        fp32_path = model.save(tmp / f"{mname}.pt")
-        model = model.cuda()
-        calib = [(torch.randint(4, VOCAB, (16, 32), device="cuda"), torch.randint(4, VOCAB, (16, 32), device="cuda"))]
-        lsquant.calibrate(model, calib, method="max", progress=False)
-        fp16_file = export_transformer(model, tmp / f"{mname}_fp16.h5", "fp16")
-        int8_file = export_transformer(model, tmp / f"{mname}_int8.h5", "int8")
-        model.apply(lsquant.disable_quant)
+        cfg, fp32_path, fp16_file, int8_file = make_files(mname, tmp)
         sizes_mb = {"fp32_checkpoint": os.path.getsize(fp32_path) / 2**20, "fp16_file": os.path.getsize(fp16_file) / 2**20,
                     "int8_file": os.path.getsize(int8_file) / 2**20}
         print(f"{mname}: files {sizes_mb}", flush=True)
-        del model
-        torch.cuda.empty_cache()
 
         def build(impl, B, graph):
             if impl in ("lsquant_int8", "lsquant_fp16"):

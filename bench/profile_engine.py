@@ -5,7 +5,7 @@ and the rest, next to the request's wall time (wall - GPU busy time = time the G
     python bench/profile_engine.py [--model base|big] [--batch 8] [--src-len 32] [--method beam|sample]
                                    [--out bench/results/engine_profile_<gpu>.csv]
 
-Random weights as in bench_engine.py (6+6 layers, vocabulary 32000, 32 new tokens forced). Kernel names are
+Random weights from bench_engine.make_files (6+6 layers, vocabulary 32000, 32 new tokens forced). Kernel names are
 matched with the patterns in CATEGORIES, first match wins; the CSV has one row per (engine, category).
 """
 from __future__ import annotations
@@ -22,14 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_info, gpu_slug, warm_gpu, write_rows  # noqa: E402
 
-import lsquant  # noqa: E402
-from lsquant.export import export_transformer  # noqa: E402
-from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine  # noqa: E402
-from lsquant.models import Transformer, TransformerConfig  # noqa: E402
+from bench_engine import MODELS, NEW, VOCAB, make_files  # noqa: E402
 
-MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
-          "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
-VOCAB, NEW = 32000, 32
+from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine  # noqa: E402
 
 # (category, regex over the lower-cased kernel name), first match wins
 CATEGORIES = [
@@ -49,18 +44,6 @@ def categorise(name: str) -> str:
         if re.search(pat, n):
             return cat
     return "other"
-
-
-def build_files(model_name: str, tmp: Path) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    cfg = TransformerConfig(vocab_size=VOCAB, num_encoder_layers=6, num_decoder_layers=6, dropout=0.0,
-                            max_seq_len=128, max_batch_tokens=128 * 4 * 128, beam_size=4, **MODELS[model_name])
-    model = Transformer(cfg).eval().cuda()
-    calib = [(torch.randint(4, VOCAB, (16, 32), device="cuda"), torch.randint(4, VOCAB, (16, 32), device="cuda"))]
-    lsquant.calibrate(model, calib, method="max", progress=False)
-    fp16 = export_transformer(model, tmp / f"{model_name}_fp16.h5", "fp16")
-    int8 = export_transformer(model, tmp / f"{model_name}_int8.h5", "int8")
-    return Path(int8), Path(fp16)
 
 
 def profile(engine, src: torch.Tensor, method: str) -> tuple[float, dict[str, float], int]:
@@ -102,7 +85,7 @@ def main() -> None:
     info = env_info()
     warm_gpu()
     tmp = Path(tempfile.mkdtemp())
-    int8, fp16 = build_files(args.model, tmp)
+    _, _, fp16, int8 = make_files(args.model, tmp)
     src = torch.randint(4, VOCAB, (args.batch, args.src_len), device="cuda")
     rows = []
     for impl, cls, path in (("lsquant_int8", QuantTransformer, int8), ("lsquant_fp16", FloatEngine, fp16)):

@@ -164,6 +164,13 @@ def check_limits(B: int, L: int, cfg, layer: str, max_len: int | None = None) ->
                          f"{cfg.max_batch_tokens}; use smaller batches or raise max_batch_tokens in the config")
 
 
+def ids_checked(ids: torch.Tensor, check_on_cuda: bool) -> bool:
+    """Whether a layer checks these token/target ids against its vocabulary now: always on the CPU; on CUDA (where
+    the check is a device-to-host sync) when the layer's check_ids_on_cuda is set and no CUDA graph is being
+    captured (a capture cannot sync)."""
+    return ids.numel() > 0 and (not ids.is_cuda or (check_on_cuda and not torch.cuda.is_current_stream_capturing()))
+
+
 def check_padding_mask(mask, B: int, L: int, like: torch.Tensor, name: str, layer: str):
     """(B, L) bool (True = padding) or None; 0/1 integer masks are accepted and converted."""
     if mask is None:

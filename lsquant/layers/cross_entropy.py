@@ -8,6 +8,7 @@ from torch import nn
 
 from lsquant import ops
 
+from .base import ids_checked
 from .config import CrossEntropyConfig
 
 
@@ -54,7 +55,7 @@ class CrossEntropyLayer(nn.Module):
         if flat.shape[0] > c.max_batch_tokens:
             raise ValueError(f"CrossEntropyLayer: {flat.shape[0]} tokens, over max_batch_tokens="
                              f"{c.max_batch_tokens}; use smaller batches or raise it in the config")
-        if t.numel() and (not t.is_cuda or (self.check_ids_on_cuda and not torch.cuda.is_current_stream_capturing())):
+        if ids_checked(t, self.check_ids_on_cuda):
             bad = (t != c.padding_idx) & ((t < 0) | (t >= V))
             if bool(bad.any()):  # a sync on CUDA: see check_ids_on_cuda
                 raise ValueError(f"CrossEntropyLayer: target id {int(t[bad][0])} is outside the vocabulary "

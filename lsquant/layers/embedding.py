@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from lsquant import ops
 from lsquant.quant import TensorQuantizer
 
-from .base import FlatParamLayer, check_limits
+from .base import FlatParamLayer, check_limits, ids_checked
 from .config import EmbeddingConfig
 
 
@@ -91,8 +91,7 @@ class TransformerEmbeddingLayer(FlatParamLayer):
         B, L = tokens.shape
         check_limits(B, L, c, "TransformerEmbeddingLayer", max_len=c.max_seq_len - step)
         tokens = tokens.long()
-        if tokens.numel() and (not tokens.is_cuda or (self.check_ids_on_cuda and
-                                                       not torch.cuda.is_current_stream_capturing())):
+        if ids_checked(tokens, self.check_ids_on_cuda):
             lo, hi = int(tokens.min()), int(tokens.max())  # a sync on CUDA: see check_ids_on_cuda
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"TransformerEmbeddingLayer: token id {lo if lo < 0 else hi} is outside the "

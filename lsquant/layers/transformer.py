@@ -130,7 +130,7 @@ class _TransformerLayerBase(FlatParamLayer):
     def _attend(self, q, k, v, key_padding_mask, causal: bool, drop: tuple[float, object]) -> torch.Tensor:
         """q (B, nH, Lq, D), k/v (B, nH, Lk, D) -> context (B, Lq, H); drop: (ratio, seed) on the probabilities."""
         p, seed = drop
-        if q.is_cuda and p == 0.0:
+        if q.is_cuda and not self._fused_softmax(q, drop):
             # No dropout on the probabilities: the same function through PyTorch's fused attention (flash /
             # memory-efficient), which keeps the scores in fp32 and never writes the (B, nH, Lq, Lk) matrix.
             # With dropout, the fused softmax kernel below, whose mask the CPU path reproduces exactly.
