@@ -165,6 +165,24 @@ def test_int8_static_step_crosses_cache_buckets(trained, test_src, tmp_path):
     assert ours.shape[-1] >= 19 and torch.equal(ours, theirs)
 
 
+def test_fused_attention_kernel_decodes_as_the_model(triton_interpreter, trained, test_src, tmp_path):
+    """The decode-step attention kernel (lsquant.inference.attention), run by Triton's CPU interpreter inside
+    the engines: the same tokens as the models' own decoding (float engine: beam and greedy; int8 engine: greedy
+    against the QAT model), through beam reorders."""
+    src = test_src[:2]
+    eng = FloatEngine(export_transformer(trained, tmp_path / "fp.h5", "fp16", float_dtype="float32"), max_batch_size=3)
+    for method, kw in (("beam", dict(beam_size=2)), ("greedy", {})):
+        ours, s1 = eng.infer(src, method, **kw)
+        theirs, s2 = trained.generate(src, method, **kw)
+        assert torch.equal(ours, theirs), method
+        torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(4, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    qeng = QuantTransformer(export_transformer(qat, tmp_path / "q.h5", "int8", float_dtype="float32"), max_batch_size=3)
+    assert torch.equal(qeng.infer(src, "greedy")[0], qat.generate(src, "greedy")[0])
+
+
 def test_requests_of_every_shape_back_to_back(trained, test_src, tmp_path):
     """One engine serves requests of different batch sizes, source lengths, methods and beams in turn, each
     exactly as the model decodes it alone; repeating a request of a seen shape allocates nothing new."""

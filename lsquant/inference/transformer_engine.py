@@ -30,7 +30,9 @@ from lsquant import ops
 from lsquant.layers.embedding import sinusoidal_positions
 from lsquant.ops.dropout import acc
 
-from . import decoding
+from lsquant.quant.ref import scale_and_inv
+
+from . import attention, decoding
 from .gemm import Int8Linear
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
@@ -47,6 +49,7 @@ class _Linear:
         bias = torch.as_tensor(t[f"{base}/bias"]).to(device)
         if int8:
             self.in_clip = torch.as_tensor(t[f"{base}/input_clip"]).to(device=device, dtype=torch.float32)
+            self.in_inv = scale_and_inv(self.in_clip.reshape(1))[1]   # for kernels that quantize this input
             self.lin = Int8Linear(torch.as_tensor(t[f"{base}/weight"]).to(device),
                                   w_clip=torch.as_tensor(t[f"{base}/weight_clip"]).to(device),
                                   x_clip=self.in_clip, bias=bias, activation=activation,
@@ -137,6 +140,10 @@ class _Engine:
         self.cross_kv = torch.zeros((2, nL, max_batch_size, nH, self.max_src_len, D), dtype=self.dtype,
                                     device=self.device)
         self.cross_mask = torch.ones((max_batch_size, self.max_src_len), dtype=torch.bool, device=self.device)
+        # anc[row, j]: the cache row that holds row's key at position j (lsquant.inference.attention); zeros: an
+        # entry not yet written must still name a valid row (the reference path gathers a whole bucket)
+        self.anc = torch.zeros((rows, self.max_tgt_len), dtype=torch.int32, device=self.device)
+        self._rows = torch.arange(rows, dtype=torch.int32, device=self.device)
         self._emb_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32)   # a host scalar, as embedding_ref
         self._state: dict = {}     # decoding state buffers, (name, shape, dtype) -> tensor
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
@@ -188,6 +195,7 @@ class _Engine:
                     # dequantize for both; per element the same arithmetic as two per-tensor calls)
                     L["kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/{n}_clip"]).reshape(())
                                                 for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
+                    L["kv"] = attention.kv_scales(L["kv_clip"])
                 out.append(L)
         self.norms = {s: (self._f(t, f"{s}_norm/weight"), self._f(t, f"{s}_norm/bias"))
                       for s in ("encoder", "decoder") if c.pre_layer_norm}
@@ -279,7 +287,8 @@ class _Engine:
         """Step t of a search: eager on the CPU or without graphs; on CUDA the first step of each (search key,
         source bucket, cache bucket) runs eagerly on a side stream (it is the warm-up: kernels compile, GEMM
         choices are looked up, workspaces are allocated) and is then recorded; later steps replay the graph."""
-        tgt_bucket = _bucket(t + 1, self.max_tgt_len)
+        # the fused attention kernel reads the position on the device: one step program for every position
+        tgt_bucket = 0 if attention.use_kernel(self.self_kv) else _bucket(t + 1, self.max_tgt_len)
         if not self.cuda_graph:
             self._step(search, src_bucket, tgt_bucket)
             return
@@ -309,49 +318,30 @@ class _Engine:
         e = acc(tab.lookup(tokens)) * self._emb_scale + acc(tab.pos.index_select(0, t))
         return e.masked_fill((tokens == self.pad)[:, None], 0.0).to(self.dtype)[:, None, :]
 
-    def _self_kv(self, i: int, L: dict, kv: torch.Tensor, rows, t, N: int, tgt_bucket: int):
-        """kv (N, 1, 2H): this step's K and V of layer i. Writes them at position t of the cache, after
-        reordering the cache rows by their parents (beam search: rows), and returns (keys, values), each
-        (N, nH, tgt_bucket, D) in the float dtype (the int8 cache is dequantized only up to the bucket)."""
-        c = self.cfg
-        nH, H = c.nhead, c.hidden_size
-        if self.int8:
-            kv = ops.quantize(kv.reshape(N, 2, H), L["kv_clip"], axis=1)
-        new = kv.reshape(N, 2, nH, H // nH).permute(1, 0, 2, 3).unsqueeze(3)    # (2, N, nH, 1, D)
-        cache = self.self_kv[i, :, :N]                                             # (2, N, nH, T, D)
-        if rows is None:
-            cache.index_copy_(3, t, new)
-            cur = cache[:, :, :, :tgt_bucket]
-        else:
-            cur = cache[:, :, :, :tgt_bucket].index_select(1, rows)               # contiguous
-            cur.index_copy_(3, t, new)
-            cache[:, :, :, :tgt_bucket].copy_(cur)
-        if self.int8:
-            cur = ops.dequantize(cur, L["kv_clip"], 0, self.dtype)
-        return cur[0], cur[1]
-
     def _step(self, search, src_bucket: int, tgt_bucket: int) -> None:
         """One decoder step over the search's device state, then ``search.update`` (graph-safe: static shapes,
         no host sync). Sentence b's beams are rows b * beams .. b * beams + beams - 1."""
         B, K, N, t = search.batch, search.beams, search.N, search.t
-        H, dev = self.cfg.hidden_size, self.device
-        rows = search.rows if search.reorders else None
-        # masks as uint8 (the softmax kernel's type), made once per step; True = masked
-        self_mask = (torch.arange(tgt_bucket, device=dev) > t).to(torch.uint8).expand(N, tgt_bucket).contiguous()
-        cross_mask = self.cross_mask[:B, :src_bucket].to(torch.uint8)
+        c = self.cfg
+        H, nH = c.hidden_size, c.nhead
+        # the beam reorder moves the ancestry table, never the caches (lsquant.inference.attention)
+        anc = self.anc
+        if search.reorders:
+            anc[:N].copy_(anc[:N].index_select(0, search.rows))
+        anc[:N].index_copy_(1, t, self._rows[:N, None])
+        cross_mask = self.cross_mask[:B, :src_bucket]
         x = self._embed_step(search.tokens, t)
         for i, L in enumerate(self.dec):
             def self_attn(h, i=i, L=L):
-                qkv = L["qkv"](h)
-                keys, values = self._self_kv(i, L, qkv[..., H:], rows, t, N, tgt_bucket)
-                return L["attn_out"](self._attend(self._heads(qkv[..., :H]), keys, values, self_mask, False))
+                ctx = attention.self_attention(L["qkv"](h).view(N, 3 * H), self.self_kv[i], anc, t, nH,
+                                               L.get("kv_clip"), L.get("kv"), tgt_bucket, *self._out_q(L, "attn_out"))
+                return L["attn_out"](ctx).view(N, 1, H)
 
             def cross_attn(h, i=i, L=L):
                 # the K beams of a sentence are K queries against its one copy of the source keys
-                q = self._heads(L["cross_q"](h).view(B, K, H))
-                ctx = self._attend(q, self.cross_kv[0, i, :B, :, :src_bucket], self.cross_kv[1, i, :B, :, :src_bucket],
-                                   cross_mask, False)
-                return L["cross_out"](ctx.view(N, 1, H))
+                ctx = attention.cross_attention(L["cross_q"](h).view(N, H), self.cross_kv[:, i, :B, :, :src_bucket],
+                                                cross_mask, K, *self._out_q(L, "cross_out"))
+                return L["cross_out"](ctx).view(N, 1, H)
 
             x = self._sublayer(x, L, "attn_ln", self_attn)
             x = self._sublayer(x, L, "cross_ln", cross_attn)
@@ -359,6 +349,13 @@ class _Engine:
         if self.cfg.pre_layer_norm:
             x = self._ln(x, self.norms["decoder"])
         search.update(self._project(x)[:, 0])
+
+    def _out_q(self, L: dict, name: str) -> tuple:
+        """(clip, 1/scale) of the linear an attention's context feeds (int8: the kernel quantizes it), or Nones."""
+        if not self.int8:
+            return None, None
+        lin = L[name]
+        return lin.in_clip, lin.in_inv
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:

@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 
+def _copy_grad(g):
+    # None: the graph's backward had no gradient for this parameter (an unused one)
+    return None if g is None else g.clone()
+
+
 def graphed(module: nn.Module, sample_args, *, num_warmup_iters: int = 3, pool=None,
             allow_unused_input: bool = True) -> nn.Module:
     """Capture ``module``'s forward and backward in CUDA graphs, in place, and return it.
@@ -63,7 +68,7 @@ def graphed(module: nn.Module, sample_args, *, num_warmup_iters: int = 3, pool=N
     # a copy instead: one copy of the gradients per step.
     for p in module.parameters():
         if p.requires_grad:
-            p.register_hook(torch.Tensor.clone)
+            p.register_hook(_copy_grad)
 
     def forward(*call_args, **kwargs):
         if module.training == training:  # the graphs run: check what the copy into their inputs would miss

@@ -1,0 +1,253 @@
+"""Attention of one decoder step over the engines' caches: one fused Triton kernel on CUDA, the reference ops
+elsewhere (and as the oracle of the tests).
+
+Self-attention (one new query per row at position t): the step's K and V (from the QKV linear) are written at
+position t of the row's cache (quantized with the per-channel K / V clips in the int8 engine), then the query
+attends over positions 0..t. The beam reorder never moves the caches: ``anc`` (rows, max_tgt_len) int32 names,
+for each row and position j, the cache row that holds the row's key j (the row of its ancestor at step j; every
+slot (row, j) is written once, at step j, and never overwritten while the request runs). A reorder by parents
+``rows`` is then ``anc = anc[rows]; anc[:, t] = arange`` on a (rows x positions) int32 table, instead of
+gathering and rewriting every layer's K/V cache (at batch 32, beam 4, Transformer-base, 32 positions: 12 layer
+caches of 128 rows x 32 x 512 int8, 25 MB read and written per step, against a 16 KB table).
+
+Cross-attention: row r (beam r % beams of sentence r // beams) attends over its sentence's one copy of the
+source keys, with the source padding mask.
+
+The kernel (one program per row and head) fuses what the reference runs as ~10 kernels per layer: quantize the
+new K/V and write them, gather the cached keys through ``anc``, dequantize, Q K^T, the masked softmax, P V, the
+head merge and (int8 engine) the quantize of the context for the output linear. Per program it reads t keys
+and values of head_dim bytes (int8) or 2 * head_dim bytes (fp16) and writes head_dim output elements.
+
+Numerics: cached K/V are dequantized to the engine dtype (as ``ops.dequantize``), scores, softmax and the
+weighted sum are kept in fp32 (the reference rounds scores and probabilities to the engine dtype between its
+kernels: results agree within a few ulps of the engine dtype, not bit for bit), the context is rounded to the
+engine dtype once, then quantized exactly as ``ops.quantize`` when an int8 output is asked for.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from lsquant import ops
+from lsquant.quant.ref import scale_and_inv
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_kernel(t: torch.Tensor) -> bool:
+    """The fused kernel runs for CUDA tensors (or under Triton's CPU interpreter, in tests)."""
+    if not (t.is_cuda or _interpret()):
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def kv_scales(kv_clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V clips (2,) -> (scale (2,), 1/scale (2,)) fp32, as lsquant.quant.ref computes them."""
+    s, inv = scale_and_inv(kv_clip.float().reshape(2))
+    return s.contiguous(), inv.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Reference (CPU path and oracle)
+# ------------------------------------------------------------------------------------------------------
+
+def self_attention_ref(qkv, cache, anc, t, nhead: int, kv_clip=None, bucket: int | None = None, out_clip=None):
+    """qkv (N, 3H) engine dtype; cache (2, R, nH, T, D): K and V (int8 with kv_clip (2,) or engine dtype);
+    anc (R, T) int32; t int64 [1] (device). Writes this step's K/V at (row, t), then attends over positions
+    0..bucket-1 (positions > t masked; bucket defaults to T) -> ctx (N, H) in the engine dtype, or int8 when
+    out_clip (the output linear's input clip) is given."""
+    N, H3 = qkv.shape
+    H = H3 // 3
+    D = H // nhead
+    T = cache.shape[3]
+    bucket = bucket or T
+    dt = qkv.dtype
+    new = qkv[:, H:].reshape(N, 2, H)
+    if kv_clip is not None:
+        new = ops.quantize(new, kv_clip, axis=1)
+    new = new.reshape(N, 2, nhead, D).permute(1, 0, 2, 3).unsqueeze(3)            # (2, N, nH, 1, D)
+    cache[:, :N].index_copy_(3, t, new.to(cache.dtype))
+    pos = torch.arange(bucket, device=qkv.device)
+    cur = cache[:, anc[:N, :bucket].long(), :, pos]                               # (N, bucket, 2, nH, D)
+    cur = cur.permute(2, 0, 3, 1, 4)                                              # (2, N, nH, bucket, D)
+    if kv_clip is not None:
+        cur = ops.dequantize(cur, kv_clip, 0, dt)
+    q = qkv[:, :H].reshape(N, nhead, 1, D)
+    mask = (pos > t).to(torch.uint8).expand(N, bucket)
+    probs = ops.masked_softmax(torch.matmul(q, cur[0].transpose(-1, -2)), mask, False, scale=D ** -0.5)
+    ctx = torch.matmul(probs, cur[1]).reshape(N, H)
+    return ctx if out_clip is None else ops.quantize(ctx, out_clip)
+
+
+def cross_attention_ref(q, kv, mask, beams: int, out_clip=None):
+    """q (N, H) engine dtype, N = B * beams; kv (2, B, nH, S, D) engine dtype; mask (B, S) bool or uint8, True =
+    padding -> ctx (N, H), or int8 with out_clip."""
+    N, H = q.shape
+    _, B, nH, S, D = kv.shape
+    qh = q.view(B, beams, nH, D).transpose(1, 2)                                  # (B, nH, beams, D)
+    probs = ops.masked_softmax(torch.matmul(qh, kv[0].transpose(-1, -2)), mask.to(torch.uint8), False,
+                               scale=D ** -0.5)
+    ctx = torch.matmul(probs, kv[1]).transpose(1, 2).reshape(N, H)
+    return ctx if out_clip is None else ops.quantize(ctx, out_clip)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The fused kernel
+# ------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _build(interpret: bool):
+    # kernels resolve names in this module's globals (the interpreter does not see closures)
+    global triton, tl, _quant
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quant(v, inv):
+        # lsquant.quant.ref.quantize_ref: clamp(round_half_even(v * inv), -127, 127); adding and removing
+        # 1.5 * 2^23 leaves no fraction bits in fp32, so the hardware's round-to-nearest-even rounds
+        t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
+        q = (t + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(q, -127.0), 127.0)
+
+    @triton.jit
+    def decode_attention_kernel(q_ptr, stride_q, new_ptr, stride_new, cache_ptr, s_kv, s_row, s_head, s_pos,
+                                anc_ptr, stride_anc, mask_ptr, stride_mask, t_ptr, L, kv_scale_ptr, kv_inv_ptr,
+                                out_ptr, stride_o, out_inv_ptr, sm_scale, HD, BEAMS,
+                                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
+                                SELF: tl.constexpr, INT8_KV: tl.constexpr, OUT_INT8: tl.constexpr):
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        dt = q_ptr.dtype.element_ty
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        col = h * D + offs_d
+        q = tl.load(q_ptr + r.to(tl.int64) * stride_q + col, mask=dmask, other=0.0).to(tl.float32)
+        head = cache_ptr + h.to(tl.int64) * s_head
+        if INT8_KV:
+            k_scale = tl.load(kv_scale_ptr)
+            v_scale = tl.load(kv_scale_ptr + 1)
+        if SELF:
+            t = tl.load(t_ptr)
+            kn = tl.load(new_ptr + r.to(tl.int64) * stride_new + col, mask=dmask, other=0.0).to(tl.float32)
+            vn = tl.load(new_ptr + r.to(tl.int64) * stride_new + HD + col, mask=dmask, other=0.0).to(tl.float32)
+            slot = head + r.to(tl.int64) * s_row + t * s_pos + offs_d
+            if INT8_KV:
+                kq = _quant(kn, tl.load(kv_inv_ptr))
+                vq = _quant(vn, tl.load(kv_inv_ptr + 1))
+                tl.store(slot, kq.to(tl.int8), mask=dmask)
+                tl.store(slot + s_kv, vq.to(tl.int8), mask=dmask)
+                kn = (kq * k_scale).to(dt).to(tl.float32)     # what a later step reads back (ops.dequantize)
+                vn = (vq * v_scale).to(dt).to(tl.float32)
+            else:
+                tl.store(slot, kn.to(cache_ptr.dtype.element_ty), mask=dmask)
+                tl.store(slot + s_kv, vn.to(cache_ptr.dtype.element_ty), mask=dmask)
+            # the new key starts the online softmax; the loop covers the cached positions 0..t-1
+            m = tl.sum(q * kn, 0) * sm_scale
+            l = tl.full((), 1.0, tl.float32)
+            acc = vn
+            n_keys = t
+            b = r
+        else:
+            m = tl.full((), float("-inf"), tl.float32)
+            l = tl.full((), 0.0, tl.float32)
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            n_keys = L
+            b = r // BEAMS
+        for j0 in range(0, n_keys, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            jm = offs_j < n_keys
+            if SELF:
+                rows = tl.load(anc_ptr + r.to(tl.int64) * stride_anc + offs_j, mask=jm, other=0).to(tl.int64)
+                valid = jm
+            else:
+                rows = tl.zeros((BLOCK_J,), tl.int64) + b
+                pad = tl.load(mask_ptr + b.to(tl.int64) * stride_mask + offs_j, mask=jm, other=1)
+                valid = jm & (pad == 0)
+            kp = head + rows[:, None] * s_row + offs_j[:, None].to(tl.int64) * s_pos + offs_d[None, :]
+            lm = valid[:, None] & dmask[None, :]
+            k = tl.load(kp, mask=lm, other=0).to(tl.float32)
+            v = tl.load(kp + s_kv, mask=lm, other=0).to(tl.float32)
+            if INT8_KV:
+                k = (k * k_scale).to(dt).to(tl.float32)
+                v = (v * v_scale).to(dt).to(tl.float32)
+            s = tl.sum(q[None, :] * k, 1) * sm_scale
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(s - m_use)
+            l = l * alpha + tl.sum(p, 0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+            m = m_new
+        # a row whose keys are all masked gives zeros (as ops.masked_softmax)
+        ctx = tl.where(l > 0, acc / tl.where(l > 0, l, 1.0), 0.0).to(dt)
+        optr = out_ptr + r.to(tl.int64) * stride_o + col
+        if OUT_INT8:
+            tl.store(optr, _quant(ctx.to(tl.float32), tl.load(out_inv_ptr)).to(tl.int8), mask=dmask)
+        else:
+            tl.store(optr, ctx, mask=dmask)
+
+    return decode_attention_kernel
+
+
+def _kernel():
+    return _build(_interpret())
+
+
+def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool, nhead: int):
+    import triton
+
+    N, H = q.shape[0], q.shape[1] if not self_attn else q.shape[1] // 3
+    D = H // nhead
+    int8_out = out_inv is not None
+    out = torch.empty(N, H, dtype=torch.int8 if int8_out else q.dtype, device=q.device)
+    dummy = torch.zeros(2, dtype=torch.float32, device=q.device)
+    kv_scale, kv_inv = kv if kv is not None else (dummy, dummy)
+    BLOCK_D = triton.next_power_of_2(D)
+    _kernel()[(N, nhead)](
+        q, q.stride(0), new if new is not None else q, new.stride(0) if new is not None else 0,
+        cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
+        anc if anc is not None else t, anc.stride(0) if anc is not None else 0,
+        mask if mask is not None else t, mask.stride(0) if mask is not None else 0,
+        t, L, kv_scale, kv_inv, out, out.stride(0), out_inv if int8_out else dummy, D ** -0.5, H, beams,
+        D=D, BLOCK_D=BLOCK_D, BLOCK_J=max(16, min(64, 4096 // BLOCK_D)), SELF=self_attn,
+        INT8_KV=kv is not None, OUT_INT8=int8_out, num_warps=4)
+    return out
+
+
+def self_attention(qkv, cache, anc, t, nhead: int, kv_clip=None, kv=None, bucket: int | None = None,
+                   out_clip=None, out_inv=None):
+    """One decoder step's self-attention (see the module docstring). qkv (N, 3H); cache (2, R, nH, T, D), a view
+    whose head_dim is contiguous; anc (R, T) int32 with anc[:N, t] already set (row r: r); t int64 [1].
+    kv_clip (2,) for an int8 cache (kv: its kv_scales, precomputed); out_clip / out_inv: int8 output for the
+    next linear. bucket: the reference's attention length (the kernel reads t itself) -> ctx (N, H)."""
+    if not use_kernel(qkv):
+        return self_attention_ref(qkv, cache, anc, t, nhead, kv_clip, bucket, out_clip)
+    if kv_clip is not None and kv is None:
+        kv = kv_scales(kv_clip)
+    if out_clip is not None and out_inv is None:
+        out_inv = scale_and_inv(out_clip.float().reshape(1))[1]
+    # the kernel reads q at column h * D, this step's K at H + h * D and V at 2H + h * D of each qkv row
+    return _launch(qkv, qkv[:, qkv.shape[1] // 3:], cache, anc, None, t, 0, kv, out_inv, 1, True, nhead)
+
+
+def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
+    """One decoder step's cross-attention: q (N, H), N = B * beams; kv (2, B, nH, S, D) (head_dim
+    contiguous); mask (B, S) bool/uint8, True = padding -> ctx (N, H), int8 with out_clip / out_inv."""
+    if not use_kernel(q):
+        return cross_attention_ref(q, kv, mask, beams, out_clip)
+    if out_clip is not None and out_inv is None:
+        out_inv = scale_and_inv(out_clip.float().reshape(1))[1]
+    nhead, S = kv.shape[2], kv.shape[3]
+    if mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    return _launch(q, None, kv, None, mask, q.new_zeros(1, dtype=torch.long), S, None, out_inv, beams, False, nhead)

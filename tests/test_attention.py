@@ -1,0 +1,162 @@
+"""The engines' decode-step attention (lsquant.inference.attention): the fused Triton kernel against the
+reference ops (in Triton's CPU interpreter here, on the GPU in the cuda tests), the ancestry table against a
+physically reordered cache, and the reference against the engine's earlier arithmetic."""
+import pytest
+import torch
+
+from lsquant import ops
+from lsquant.inference import attention as A
+
+
+def _case(N, nH, D, T, t, R=None, int8=False, dtype=torch.float32, device="cpu", reorder=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    R = R or N
+    H = nH * D
+    qkv = (torch.randn(N, 3 * H, generator=g) * 1.5).to(device=device, dtype=dtype)
+    kv_clip = torch.tensor([3.0, 2.5]) if int8 else None
+    if int8:
+        cache = torch.randint(-127, 128, (2, R, nH, T, D), generator=g, dtype=torch.int8)
+    else:
+        cache = torch.randn(2, R, nH, T, D, generator=g).to(dtype)
+    anc = torch.randint(0, N, (R, T), generator=g, dtype=torch.int32) if reorder else \
+        torch.arange(R, dtype=torch.int32)[:, None].expand(R, T).contiguous()
+    anc[:N, t] = torch.arange(N, dtype=torch.int32)
+    tt = torch.tensor([t])
+    mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return qkv, cache.to(device), anc.to(device), tt.to(device), mv(kv_clip)
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def _check_self(device, N, nH, D, T, t, int8, dtype, out_int8=False, reorder=True):
+    qkv, cache, anc, tt, kv_clip = _case(N, nH, D, T, t, R=N + 3, int8=int8, dtype=dtype, device=device,
+                                         reorder=reorder)
+    out_clip = torch.tensor(2.0, device=device) if out_int8 else None
+    c_ref, c_ker = cache.clone(), cache.clone()
+    ref = A.self_attention_ref(qkv, c_ref, anc, tt, nH, kv_clip, None, out_clip)
+    got = A.self_attention(qkv, c_ker, anc, tt, nH, kv_clip, out_clip=out_clip)
+    assert torch.equal(c_ker, c_ref), "the new K/V written at position t differ"
+    if out_int8:
+        # the context is rounded to the engine dtype and quantized: levels agree but for values within the
+        # reference's few-ulp difference of a rounding boundary
+        assert (got.int() - ref.int()).abs().max() <= 1
+        assert (got != ref).float().mean() < 0.05
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+
+
+INTERP_SHAPES = [(1, 1, 8, 5, 0), (3, 2, 16, 9, 4), (5, 2, 12, 40, 37)]   # (N, nH, D, T, t): D 12 not a power of 2
+
+
+@pytest.mark.parametrize("N,nH,D,T,t", INTERP_SHAPES)
+@pytest.mark.parametrize("int8", [False, True])
+def test_self_attention_kernel_interpreted(triton_interpreter, N, nH, D, T, t, int8):
+    _check_self("cpu", N, nH, D, T, t, int8, torch.float32)
+
+
+def test_self_attention_kernel_interpreted_int8_out(triton_interpreter):
+    _check_self("cpu", 4, 2, 16, 20, 17, True, torch.float32, out_int8=True)
+
+
+def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
+    g = torch.Generator().manual_seed(1)
+    N, H = B * beams, nH * D
+    q = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
+    kv = torch.randn(2, B, nH, S, D, generator=g).to(device=device, dtype=dtype)
+    mask = torch.rand(B, S, generator=g) < 0.3
+    mask[0] = True   # a sentence of padding only: zeros
+    mask[-1, :] = False
+    mask = mask.to(device)
+    out_clip = torch.tensor(2.0, device=device) if out_int8 else None
+    ref = A.cross_attention_ref(q, kv, mask, beams, out_clip)
+    got = A.cross_attention(q, kv, mask, beams, out_clip)
+    if out_int8:
+        assert (got.int() - ref.int()).abs().max() <= 1
+    else:
+        torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+        if B > 1:
+            assert got[:beams].abs().max() == 0
+
+
+@pytest.mark.parametrize("B,beams,nH,D,S", [(1, 1, 1, 8, 3), (3, 2, 2, 12, 37)])
+def test_cross_attention_kernel_interpreted(triton_interpreter, B, beams, nH, D, S):
+    _check_cross("cpu", B, beams, nH, D, S, torch.float32)
+
+
+def test_ancestry_table_equals_reordered_cache():
+    """Three steps of beam reorders: attending through anc over a cache that never moves equals the engine's
+    earlier scheme (gather the cache rows by parent every step, write position t, attend over 0..t)."""
+    g = torch.Generator().manual_seed(3)
+    N, nH, D, T = 4, 2, 8, 6
+    H = nH * D
+    anc = torch.zeros(N, T, dtype=torch.int32)
+    cache = torch.zeros(2, N, nH, T, D)
+    moved = torch.zeros(2, N, nH, T, D)
+    for t in range(4):
+        rows = torch.randint(0, N, (N,), generator=g) if t else torch.arange(N)
+        anc.copy_(anc.index_select(0, rows))
+        anc[:, t] = torch.arange(N, dtype=torch.int32)
+        qkv = torch.randn(N, 3 * H, generator=g)
+        tt = torch.tensor([t])
+        got = A.self_attention_ref(qkv, cache, anc, tt, nH, bucket=T)
+        # the earlier scheme
+        moved.copy_(moved.index_select(1, rows))
+        moved.index_copy_(3, tt, qkv[:, H:].reshape(N, 2, nH, D).permute(1, 0, 2, 3).unsqueeze(3))
+        q = qkv[:, :H].reshape(N, nH, 1, D)
+        mask = (torch.arange(T) > t).to(torch.uint8).expand(N, T)
+        probs = ops.masked_softmax(q @ moved[0].transpose(-1, -2), mask, False, scale=D ** -0.5)
+        want = (probs @ moved[1]).reshape(N, H)
+        assert torch.equal(got, want)
+
+
+def test_reference_bucket_does_not_change_values():
+    qkv, cache, anc, tt, kv_clip = _case(3, 2, 8, 32, 5, int8=True)
+    a = A.self_attention_ref(qkv, cache.clone(), anc, tt, 2, kv_clip, bucket=16)
+    b = A.self_attention_ref(qkv, cache.clone(), anc, tt, 2, kv_clip, bucket=32)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ GPU ----
+
+CUDA_SHAPES = [(1, 8, 64, 32, 0), (4, 8, 64, 32, 17), (33, 16, 64, 128, 127), (7, 3, 40, 1025, 1000)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,nH,D,T,t", CUDA_SHAPES)
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_self_attention_kernel_cuda(N, nH, D, T, t, int8, dtype):
+    _check_self("cuda", N, nH, D, T, t, int8, dtype)
+    _check_self("cuda", N, nH, D, T, t, int8, dtype, reorder=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_self_attention_kernel_cuda_int8_out(dtype):
+    _check_self("cuda", 12, 8, 64, 64, 40, True, dtype, out_int8=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,beams,nH,D,S", [(1, 4, 8, 64, 16), (9, 4, 16, 64, 97), (3, 1, 3, 40, 1025)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cross_attention_kernel_cuda(B, beams, nH, D, S, dtype):
+    _check_cross("cuda", B, beams, nH, D, S, dtype)
+    _check_cross("cuda", B, beams, nH, D, S, dtype, out_int8=True)
+
+
+@pytest.mark.cuda
+def test_self_attention_kernel_in_cuda_graph():
+    qkv, cache, anc, tt, kv_clip = _case(8, 8, 64, 64, 3, int8=True, dtype=torch.float16, device="cuda")
+    A.self_attention(qkv, cache.clone(), anc, tt, 8, kv_clip)   # compile outside the capture
+    c = cache.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = A.self_attention(qkv, c, anc, tt, 8, kv_clip)
+    for t in (3, 10, 40):
+        tt.fill_(t)
+        anc[:8, t] = torch.arange(8, dtype=torch.int32, device="cuda")
+        g.replay()
+        ref = A.self_attention_ref(qkv, cache.clone(), anc, tt, 8, kv_clip)
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
