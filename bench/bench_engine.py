@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--src-lens", type=int, nargs="+", default=None, help="source lengths (default 16 32 64)")
     ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
+    ap.add_argument("--tune", choices=["on", "off"], default="on",
+                    help="tune the int8 engine's GEMMs for each measured batch and source length first (the "
+                         "documented workflow; into a cache under a temporary folder) or use the defaults")
     args = ap.parse_args()
     out = args.out or f"bench/results/engine_{gpu_slug()}.csv"
     info = env_info()
@@ -107,6 +110,11 @@ def main() -> None:
     batches = args.batches or ([1, 32] if args.quick else [1, 8, 32, 128])
     lens = args.src_lens or ([32] if args.quick else [16, 32, 64])
     tmp = Path(tempfile.mkdtemp())
+    tune_cache = None
+    if args.tune == "on":
+        from lsquant.inference.gemm_tuner import TuningCache
+
+        tune_cache = TuningCache(tmp / "gemm_tuning.json")
     for mname in args.models:
         sizes = MODELS[mname]
         cfg, fp32_path, fp16_file, int8_file = make_files(mname, tmp)
@@ -117,8 +125,12 @@ def main() -> None:
         def build(impl, B, graph):
             if impl in ("lsquant_int8", "lsquant_fp16"):
                 cls, path = (QuantTransformer, int8_file) if impl == "lsquant_int8" else (FloatEngine, fp16_file)
-                return cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
-                           cuda_graph=graph)
+                eng = cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
+                          cuda_graph=graph)
+                if tune_cache is not None and eng.int8:
+                    for S in lens:
+                        eng.tune([B], S, cache=tune_cache, progress=False)
+                return eng
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
                 m.load_state_dict(torch.load(fp32_path, map_location="cpu", weights_only=False)["model"])
@@ -168,7 +180,8 @@ def main() -> None:
                              "tokens_per_s": round(B * NEW / ms * 1e3, 1) if ms == ms else float("nan"),
                              "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
                              "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
-                             "peak_reserved_mb": round(reserved, 1)}
+                             "peak_reserved_mb": round(reserved, 1),
+                             "gemm_tuned": int(tune_cache is not None and impl == "lsquant_int8")}
                         rows.append(r)
                         print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
                               f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved {note}",

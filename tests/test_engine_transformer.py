@@ -366,3 +366,26 @@ def test_cuda_graphs_give_the_eager_tokens(trained, test_src, tmp_path, precisio
     assert len(graphed._graphs) >= 5 and not eager._graphs
     # the two identical requests (first and fifth) gave the same result through the same graphs
     assert torch.equal(graphed.infer(src[:16])[0], eager.infer(src[:16])[0])
+
+
+@pytest.mark.cuda
+def test_tune_picks_kernels_and_keeps_the_tokens(trained, test_src, tmp_path):
+    """engine.tune() tunes each distinct int8 GEMM shape of the engine, stores the choices in the given cache,
+    and the engine decodes the same tokens with them."""
+    from lsquant.inference.gemm_tuner import TuningCache
+
+    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
+    lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
+                      progress=False)
+    model.apply(lsquant.enable_quant)
+    eng = QuantTransformer(export_transformer(model, tmp_path / "q.h5", "int8"), max_batch_size=8, device="cuda")
+    src = test_src[:8].cuda()
+    before = eng.infer(src, "beam")
+    cache = TuningCache(tmp_path / "tune.json")
+    results = eng.tune([8], src.shape[1], cache=cache, progress=False)
+    shapes = {(lin.N, lin.K, lin.out_dtype) for _, lin in eng.linears()}
+    assert len(results) >= len(shapes) and (tmp_path / "tune.json").exists()
+    after = eng.infer(src, "beam")
+    assert torch.equal(before[0], after[0])
+    torch.testing.assert_close(before[1], after[1], atol=2e-2, rtol=0)
+    assert all(lin.choices for _, lin in eng.linears())

@@ -362,6 +362,54 @@ class _Engine:
             return self.proj(ops.quantize(x, self.proj_clip))
         return F.linear(x, self.tables["tgt_embedding"].rows)
 
+    # -- GEMM tuning --------------------------------------------------------------------------------------------
+    def linears(self) -> list[tuple[str, Int8Linear]]:
+        """The engine's int8 linears as (stack, layer): stack "encoder" and "cross_kv" run on batch x source
+        tokens, "decoder" and "projection" on batch x beams rows per step."""
+        out = []
+        for stack, layers in (("encoder", self.enc), ("decoder", self.dec)):
+            for L in layers:
+                for name, lin in L.items():
+                    if isinstance(lin, _Linear) and lin.int8:
+                        out.append(("cross_kv" if name == "cross_kv" else stack, lin.lin))
+        if self.proj is not None:
+            out.append(("projection", self.proj))
+        return out
+
+    def tune(self, batch_sizes, src_len: int, beam_size: int | None = None, cache=None, progress: bool = True,
+             print_fn=print) -> list:
+        """Tune the int8 GEMM of every distinct shape this engine runs for the given batch sizes and source
+        length (lsquant.inference.gemm_tuner.tune_shape), store the choices in ``cache`` (default: the
+        process-wide tuning cache, saved atomically) and use them from the next request. A float engine has
+        nothing to tune. Returns the tune results."""
+        from .gemm_tuner import global_cache, m_bucket, tune_shape
+
+        if not self.int8 or self.device.type != "cuda":
+            return []
+        cache = cache if cache is not None else global_cache()
+        K = beam_size or self.beam_size
+        jobs = {}
+        for stack, lin in self.linears():
+            for B in batch_sizes:
+                M = B * src_len if stack in ("encoder", "cross_kv") else B * K
+                key = (m_bucket(M), lin.N, lin.K, lin.out_dtype)
+                if key not in jobs:
+                    jobs[key] = (M, lin.activation, lin.bias32 is not None)
+        results = []
+        for i, ((_, N, Kd, out), (M, act, has_bias)) in enumerate(sorted(jobs.items(), key=str)):
+            if progress:
+                print_fn(f"[{i + 1}/{len(jobs)}] tuning M={M} N={N} K={Kd} {out}")
+            r = tune_shape(M, N, Kd, out, act, has_bias)
+            cache.put(M, N, Kd, out, r.choice, ms=round(r.ms, 5), default_ms=round(r.default_ms, 5),
+                      tops=round(r.tops, 1), M_tuned=M)
+            results.append(r)
+        cache.save()
+        for _, lin in self.linears():
+            lin.cache = cache
+            lin.choices.clear()
+        self._graphs.clear()   # recorded with the earlier kernels
+        return results
+
     # -- the API --------------------------------------------------------------------------------------------
     def check_input(self, src_ids) -> torch.Tensor:
         """src_ids: int (batch, src_len) tensor or nested list -> int64 tensor on the engine's device.
