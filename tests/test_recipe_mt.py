@@ -31,6 +31,9 @@ def test_every_stage_writes_its_artefacts(tmp_path):
     assert set(results) >= {"fp16", "qat_int8", "ptq_percentile_int8", "training"}
     assert all(0 <= results[k]["BLEU test"] <= 100 for k in ("fp16", "qat_int8"))
     assert results["qat_int8"]["file_MB"] < results["fp16"]["file_MB"]
+    # on the CPU the engines compute the models' own arithmetic: every greedy output is the model's
+    assert results["fp16"]["greedy = model, test"] == 1.0
+    assert results["qat_int8"]["greedy = model, test"] == 1.0
     m = Transformer.load(root / "qat" / "model.pt")      # loads back and decodes
     tokens, _ = m.generate(torch.tensor([[5, 6, 7, 2]]), "greedy", max_len=5)
     assert tokens.shape[:2] == (1, 1)

@@ -305,6 +305,36 @@ def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...
     return results
 
 
+def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str | Path, split: str,
+                     quantized: bool, engine_dtype: torch.dtype | None = None) -> float:
+    """Share of the split's sentences whose greedy output (every token) is the same from the engine reading
+    export_path as from the model's own decoding (lsquant.models.Transformer.generate): the float model for an
+    fp16 export, the calibrated model with quantization on (fake-quant) for an int8 export. engine_dtype: the
+    engine's activations (default fp16 on CUDA); the model runs in its checkpoint's precision."""
+    from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
+
+    tok = tokenizer(cfg)
+    dev = cfg.torch_device()
+    model = Transformer.load(model_path, map_location=dev).eval()
+    if quantized:
+        model.apply(lsquant.enable_quant)
+    kind = QuantTransformer if quantized else FloatEngine
+    eng = kind(export_path, max_batch_size=cfg.infer_batch_size, device=dev, dtype=engine_dtype)
+    srcs, _ = load_pairs(cfg, split, cfg.limit_test)
+    src = tok.encode_batch(srcs, add_bos=False, max_len=eng.cfg.max_seq_len)
+    same = 0
+    for idx in tqdm(length_sorted_batches([len(x) for x in src], cfg.infer_batch_size), unit="batch",
+                    desc=f"agreement {Path(export_path).stem} {split}", dynamic_ncols=True):
+        ids = collate([src[i] for i in idx])["src_ids"].to(dev)
+        ours = eng.infer(ids, method="greedy")[0][:, 0]
+        with torch.no_grad():
+            theirs = model.generate(ids, "greedy")[0][:, 0].to(ours.device)
+        T = max(ours.shape[-1], theirs.shape[-1])
+        pad = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[-1]), value=eng.pad)  # noqa: E731
+        same += int((pad(ours) == pad(theirs)).all(dim=-1).sum())
+    return same / max(len(src), 1)
+
+
 def run_all(cfg: RecipeConfig) -> dict:
     """train -> QAT -> PTQ -> export (fp16, QAT int8, PTQ int8) -> inference + BLEU on the test splits -> report."""
     from ..report import close_logging, setup_logging, write_report
@@ -321,6 +351,16 @@ def run_all(cfg: RecipeConfig) -> dict:
                    "qat_int8": export(cfg, q, ex / "qat_int8.h5", "int8"),
                    f"ptq_{cfg.ptq_method}_int8": export(cfg, p, ex / f"ptq_{cfg.ptq_method}_int8.h5", "int8")}
         results = evaluate(cfg, exports)
+        # the engines against the models they were exported from: greedy outputs token for token
+        split = cfg.test_splits[0]
+        fp_dev_cuda = cfg.torch_device().type == "cuda"
+        for name, model_path, quantized in (("fp16", fp, False), ("qat_int8", q, True),
+                                            (f"ptq_{cfg.ptq_method}_int8", p, True)):
+            # on CUDA also with the engine in fp32: what differs then is the engine's arithmetic, not fp16's
+            for label, dt in (("", None),) + (((" (engine in fp32)", torch.float32),) if fp_dev_cuda else ()):
+                share = greedy_agreement(cfg, model_path, exports[name], split, quantized, dt)
+                results[name][f"greedy = model{label}, {split}"] = round(share, 4)
+                log.info("%s: greedy tokens equal to the model's on %.2f%% of %s%s", name, 100 * share, split, label)
         # the fp32 checkpoint's size: the float model's state dict in fp32 (a bf16 run's own file is half of that)
         blob = torch.load(cfg.root / "float" / "model.pt", map_location="cpu", weights_only=False)
         fp32_mb = sum(t.numel() * 4 for t in blob["model"].values()
