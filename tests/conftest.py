@@ -19,7 +19,7 @@ def _seed():
 
 
 # modules whose Triton kernels are built per interpret mode (a functools.lru_cache named _build)
-TRITON_MODULES = ("lsquant.inference.gemm_triton", "lsquant.inference.attention")
+TRITON_MODULES = ("lsquant.inference.gemm_triton", "lsquant.inference.attention", "lsquant.inference.embed_step")
 
 
 @pytest.fixture

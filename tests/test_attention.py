@@ -160,3 +160,40 @@ def test_self_attention_kernel_in_cuda_graph():
         g.replay()
         ref = A.self_attention_ref(qkv, cache.clone(), anc, tt, 8, kv_clip)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+
+# ------------------------------------------------------------------------------------- step embedding ----
+
+def _embed_case(V, H, N, int8, dtype, device):
+    from lsquant.quant.ref import quantize_ref
+
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(V, H, generator=g)
+    clip = table.abs().amax(1) * 0.9 if int8 else None
+    rows = quantize_ref(table, clip, 0) if int8 else table.to(dtype)
+    pos = torch.randn(40, H, generator=g).to(dtype)
+    tokens = torch.randint(0, V, (N,), generator=g)
+    tokens[0] = 1   # the pad id below
+    mv = lambda x: None if x is None else x.to(device)  # noqa: E731
+    return mv(tokens), mv(rows), mv(clip), mv(pos), torch.tensor([7], device=device), torch.tensor(H ** 0.5)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_embed_step_kernel_interpreted(triton_interpreter, int8):
+    from lsquant.inference.embed_step import embed_step, embed_step_ref
+
+    args = _embed_case(50, 24, 5, int8, torch.float32, "cpu")
+    want = embed_step_ref(*args, 1, torch.float32)
+    got = embed_step(*args, 1, torch.float32)
+    assert torch.equal(got, want) and got[0].abs().max() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("V,H,N", [(32000, 512, 4), (1000, 1024, 33), (97, 100, 7)])
+def test_embed_step_kernel_cuda(int8, dtype, V, H, N):
+    from lsquant.inference.embed_step import embed_step, embed_step_ref
+
+    args = _embed_case(V, H, N, int8, dtype, "cuda")
+    assert torch.equal(embed_step(*args, 1, dtype), embed_step_ref(*args, 1, dtype))

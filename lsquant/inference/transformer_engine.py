@@ -28,11 +28,11 @@ from torch.nn import functional as F
 
 from lsquant import ops
 from lsquant.layers.embedding import sinusoidal_positions
-from lsquant.ops.dropout import acc
 
 from lsquant.quant.ref import scale_and_inv
 
 from . import attention, decoding
+from .embed_step import embed_step
 from .gemm import Int8Linear
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
@@ -62,6 +62,10 @@ class _Linear:
         """x: float (..., K), or int8 when the previous linear re-quantized its output for this one."""
         if self.int8:
             return self.lin(x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip))
+        if self.activation == "relu" and x.is_cuda:
+            # bias and ReLU in cuBLASLt's epilogue: one kernel; relu(round(v)) == round(relu(v)), so the values
+            # are F.relu(F.linear(x, w, b))'s
+            return torch._addmm_activation(self.b, x.reshape(-1, x.shape[-1]), self.w.t()).view(*x.shape[:-1], -1)
         y = F.linear(x, self.w, self.b)
         if self.activation == "relu":
             return F.relu(y)
@@ -79,6 +83,7 @@ class _Table:
     def __init__(self, rows: torch.Tensor, clip: torch.Tensor | None, pos: torch.Tensor, dtype: torch.dtype):
         self.rows, self.pos, self.dtype = rows, pos, dtype
         self.clip = None if clip is None else clip.float().reshape(-1).expand(rows.shape[0]).contiguous()
+        self.row_scale = None if clip is None else scale_and_inv(self.clip)[0]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """ids int64 (n,) -> (n, H) in the engine dtype."""
@@ -315,8 +320,8 @@ class _Engine:
     def _embed_step(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ops.embedding_ref's arithmetic at the device position t (int64 [1]): tokens (N,) -> (N, 1, H)."""
         tab = self.tables["tgt_embedding"]
-        e = acc(tab.lookup(tokens)) * self._emb_scale + acc(tab.pos.index_select(0, t))
-        return e.masked_fill((tokens == self.pad)[:, None], 0.0).to(self.dtype)[:, None, :]
+        return embed_step(tokens, tab.rows, tab.clip, tab.pos, t, self._emb_scale, self.pad, self.dtype,
+                          tab.row_scale)[:, None, :]
 
     def _step(self, search, src_bucket: int, tgt_bucket: int) -> None:
         """One decoder step over the search's device state, then ``search.update`` (graph-safe: static shapes,
