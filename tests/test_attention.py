@@ -44,7 +44,18 @@ def _check_self(device, N, nH, D, T, t, int8, dtype, out_int8=False, reorder=Tru
         assert (got.int() - ref.int()).abs().max() <= 1
         assert (got != ref).float().mean() < 0.05
     else:
-        torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+        # the oracle: the reference in fp32 (the kernel keeps scores and probabilities in fp32, where the
+        # reference rounds them to the engine dtype between its kernels): the kernel is no further from it
+        oracle = A.self_attention_ref(qkv.float(), cache.clone() if int8 else cache.float(), anc, tt, nH, kv_clip)
+        _no_worse(got, ref, oracle, dtype)
+
+
+def _no_worse(got, ref, oracle, dtype):
+    err_got = (got.float() - oracle).abs().max().item()
+    err_ref = (ref.float() - oracle).abs().max().item()
+    slack = 8 * torch.finfo(dtype).eps * max(oracle.abs().max().item(), 1.0)   # a few ulps: other sum orders
+    assert err_got <= err_ref + slack, (err_got, err_ref, slack)
+    torch.testing.assert_close(got.float(), oracle, atol=max(_tol(dtype), 2 * err_ref), rtol=_tol(dtype))
 
 
 INTERP_SHAPES = [(1, 1, 8, 5, 0), (3, 2, 16, 9, 4), (5, 2, 12, 40, 37)]   # (N, nH, D, T, t): D 12 not a power of 2
@@ -75,7 +86,7 @@ def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
     if out_int8:
         assert (got.int() - ref.int()).abs().max() <= 1
     else:
-        torch.testing.assert_close(got.float(), ref.float(), atol=_tol(dtype), rtol=_tol(dtype))
+        _no_worse(got, ref, A.cross_attention_ref(q.float(), kv.float(), mask, beams), dtype)
         if B > 1:
             assert got[:beams].abs().max() == 0
 

@@ -92,6 +92,10 @@ class _Table:
         return ops.dequantize(self.rows.index_select(0, ids), self.clip.index_select(0, ids), 0, self.dtype)
 
 
+# encoder graphs are kept for this many request shapes (batch, source length); other shapes run eagerly
+MAX_ENCODER_GRAPHS = 64
+
+
 def _bucket(n: int, cap: int) -> int:
     """The attention length that serves n positions: 16, 32, 64, ... (at least n), at most cap."""
     b = 16
@@ -152,7 +156,9 @@ class _Engine:
         self._emb_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32)   # a host scalar, as embedding_ref
         self._state: dict = {}     # decoding state buffers, (name, shape, dtype) -> tensor
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
-        self._graphs: dict = {}    # (search key, source bucket, cache bucket) -> torch.cuda.CUDAGraph
+        self._graphs: dict = {}    # (search key, source bucket, cache bucket) or ("encode", B, S) -> (graph, outputs)
+        self._n_encoder_graphs = 0
+        self._src = torch.full((max_batch_size, self.max_src_len), self.pad, dtype=torch.long, device=self.device)
         self._pool = self._stream = None
 
     @property
@@ -260,9 +266,9 @@ class _Engine:
         rows b * beams + k decode sentence b."""
 
         def __init__(self, eng: "_Engine", enc: torch.Tensor, mask: torch.Tensor, beams: int):
+            # the request's cross-attention K/V are in the engine's buffers already (_encode_request)
             self.e, self.max_steps = eng, eng.max_tgt_len
             self.src_bucket = _bucket(enc.shape[1], eng.max_src_len)
-            eng._fill_cross(enc, mask, self.src_bucket)
 
         def buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
             return self.e._buffer(name, shape, dtype)
@@ -289,33 +295,59 @@ class _Engine:
         self.cross_mask[:B, :S] = mask
 
     def _advance(self, search, t: int, src_bucket: int) -> None:
-        """Step t of a search: eager on the CPU or without graphs; on CUDA the first step of each (search key,
-        source bucket, cache bucket) runs eagerly on a side stream (it is the warm-up: kernels compile, GEMM
-        choices are looked up, workspaces are allocated) and is then recorded; later steps replay the graph."""
+        """Step t of a search: eager on the CPU or without graphs; on CUDA a CUDA graph per (search key, source
+        bucket, cache bucket) (see _graphed)."""
         # the fused attention kernel reads the position on the device: one step program for every position
         tgt_bucket = 0 if attention.use_kernel(self.self_kv) else _bucket(t + 1, self.max_tgt_len)
         if not self.cuda_graph:
             self._step(search, src_bucket, tgt_bucket)
             return
-        key = (search.key, src_bucket, tgt_bucket)
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            return
+        self._graphed((search.key, src_bucket, tgt_bucket), lambda: self._step(search, src_bucket, tgt_bucket))
+
+    def _graphed(self, key, fn):
+        """fn() as a CUDA graph: the first call of a key runs fn eagerly on a side stream (the warm-up: kernels
+        compile, GEMM choices are looked up, workspaces are allocated; its results are this call's), then
+        records it; later calls replay the recording. Returns fn's outputs (the recording's static tensors:
+        valid until the next replay of any graph)."""
+        hit = self._graphs.get(key)
+        if hit is not None:
+            hit[0].replay()
+            return hit[1]
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
-            # one pool for every graph: a step's temporaries never outlive its replay (all state is written
+            # one pool for every graph: a graph's temporaries never outlive its replay (all state is written
             # into buffers allocated outside the graphs), so graphs may share memory in any replay order
             self._pool = torch.cuda.graph_pool_handle()
         side, cur = self._stream, torch.cuda.current_stream(self.device)
         side.wait_stream(cur)
         with torch.cuda.stream(side):
-            self._step(search, src_bucket, tgt_bucket)   # step t itself
+            out = fn()   # the call itself
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, stream=side):
-            self._step(search, src_bucket, tgt_bucket)   # recorded, not run
+            static = fn()   # recorded, not run
         cur.wait_stream(side)
-        self._graphs[key] = graph
+        self._graphs[key] = (graph, static)
+        return out
+
+    def _encode_request(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder and the cross-attention K/V of a request (src int64 (B, S) on the device). On CUDA with
+        graphs, one graph per (B, S) (up to MAX_ENCODER_GRAPHS shapes; eager beyond), over a source buffer: the
+        encoder's ~20 kernels a layer otherwise cost more host time to launch than GPU time to run."""
+        B, S = src.shape
+        bucket = _bucket(S, self.max_src_len)
+
+        def run(x):
+            enc, mask = self.encode(x)
+            self._fill_cross(enc, mask, bucket)
+            return enc, mask
+
+        key = ("encode", B, S)
+        if not self.cuda_graph or (key not in self._graphs and self._n_encoder_graphs >= MAX_ENCODER_GRAPHS):
+            return run(src)
+        self._src[:B, :S].copy_(src)
+        if key not in self._graphs:
+            self._n_encoder_graphs += 1
+        return self._graphed(key, lambda: run(self._src[:B, :S]))
 
     def _embed_step(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ops.embedding_ref's arithmetic at the device position t (int64 [1]): tokens (N,) -> (N, 1, H)."""
@@ -413,6 +445,7 @@ class _Engine:
             lin.cache = cache
             lin.choices.clear()
         self._graphs.clear()   # recorded with the earlier kernels
+        self._n_encoder_graphs = 0
         return results
 
     # -- the API --------------------------------------------------------------------------------------------
@@ -469,7 +502,7 @@ class _Engine:
         if max_len > self.max_tgt_len:
             raise ValueError(f"max_len {max_len} is over the engine's max_tgt_len={self.max_tgt_len} (the model's "
                              f"max_seq_len is {self.cfg.max_seq_len}): build the engine with a larger max_tgt_len")
-        enc, mask = self.encode(src)
+        enc, mask = self._encode_request(src)
         return decoding.generate(
             lambda e, m, k: self._Decoder(self, e, m, k), enc, mask, method=method, beam_size=K,
             length_penalty=self.length_penalty if length_penalty is None else length_penalty, bos=self.bos,

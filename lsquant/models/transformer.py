@@ -154,7 +154,14 @@ class Transformer(nn.Module):
             """tokens (N,) at position t -> logits (N, V); rows (N,): reorder the caches first (beam search)."""
             if rows is not None:
                 self.reorder(rows)
-            y = self.m.tgt_embedding(tokens[:, None], step=t)
+            emb = self.m.tgt_embedding
+            # the search's own tokens are ids of the vocabulary by construction: no id check (on CUDA a
+            # device-to-host sync per step)
+            saved, emb.check_ids_on_cuda = emb.check_ids_on_cuda, False
+            try:
+                y = emb(tokens[:, None], step=t)
+            finally:
+                emb.check_ids_on_cuda = saved
             for layer, cache in zip(self.m.decoder, self.caches):
                 y = layer(y, self.enc, self.mask, cache=cache)
             return self.m.tgt_embedding.project(self.m._final_norm(y, self.m.decoder_norm))[:, 0]
