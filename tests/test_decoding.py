@@ -106,7 +106,9 @@ def _ref_beam_search(decoder, batch, beams, bos, eos, pad, max_len, device, leng
         if all(len(f) >= K for f in finished):
             break
         masked = top_s.masked_fill(is_eos, float("-inf"))
-        keep = masked.topk(K, dim=1).indices.sort(dim=1).values
+        # the first K in rank order that do not end (then ending ones: dead beams); the former code took
+        # masked.topk(K), the same set up to ties at the K-th place, which it left to the library
+        keep = is_eos.to(torch.uint8).sort(dim=1, stable=True).indices[:, :K].sort(dim=1).values
         new_scores = masked.gather(1, keep)
         rows = (base + beam_i.gather(1, keep)).reshape(N)
         new_tok = tok.gather(1, keep).reshape(N)
@@ -208,6 +210,21 @@ def test_beam_search_equals_the_reference(batch, beams, vocab_bias):
     assert n > 0
 
 
+@pytest.mark.parametrize("beams", [1, 4, 5])
+def test_fused_beam_bookkeeping_equals_the_reference(triton_interpreter, beams):
+    """The bookkeeping kernel (lsquant.inference.beam_update, run by Triton's CPU interpreter) on the reference
+    cases: ties everywhere (logits in multiples of 0.5), early stops, empty slots, state buffers reused."""
+    batch = 5
+    for vocab, bias in [(7, 1.5), (12, 0.0), (4, 1.0)]:
+        for max_len, min_len, alpha in [(6, 0, 1.0), (13, 5, 1.0)]:
+            shared = {}
+            for seed in (0, 1):
+                ref, new = _decoders(batch * beams, vocab, seed * 7 + beams, bias, shared)
+                kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=max_len, device="cpu", length_penalty=alpha,
+                          min_len=min_len)
+                _check_equal(decoding.beam_search(new, batch, beams, **kw), _ref_beam_search(ref, batch, beams, **kw))
+
+
 def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
     """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
     and a vocabulary of one word leaves beams empty."""
@@ -271,6 +288,11 @@ def test_device_search_on_cuda_equals_the_cpu_reference():
         want = _ref_beam_search(ref, batch, beams, device="cpu", **kw)
         got = decoding.beam_search(dev, batch, beams, device="cuda", **kw)
         assert torch.equal(got[0].cpu(), want[0])
+        with pytest.MonkeyPatch.context() as mp:   # and without the bookkeeping kernel
+            mp.setenv("LSQUANT_FUSED_BEAM", "0")
+            dev.h.zero_()
+            got0 = decoding.beam_search(dev, batch, beams, device="cuda", **kw)
+        assert torch.equal(got0[0], got[0]) and torch.equal(got0[1], got[1])
         torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-5)   # log-softmax: CUDA vs CPU
     ref, dev = RandomDecoder(5, 12, 3, 0.5), RandomDecoder(5, 12, 3, 0.5, device="cuda")
     kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, top_k=4, seed=5)

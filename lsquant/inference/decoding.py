@@ -63,6 +63,24 @@ def log_probs(logits: torch.Tensor, t: torch.Tensor, limits: torch.Tensor, eos: 
     return lp
 
 
+def _keep(is_eos: torch.Tensor, K: int) -> torch.Tensor:
+    """The continuations a step keeps, as indices into the ranked extensions [B, 2K]: the first K (in rank
+    order) that do not end in </s>, then, if fewer than K do not end, the first ending ones (dead beams of score
+    -inf). The same as the K best of the scores with the ending ones set to -inf, with ties at the K-th place
+    going to the better rank (a top-k would leave that choice to the library)."""
+    return is_eos.to(torch.uint8).sort(dim=1, stable=True).indices[:, :K].sort(dim=1).values
+
+
+def _fused_bookkeeping(logits: torch.Tensor) -> bool:
+    """Whether beam search's bookkeeping runs as one kernel (CUDA, or Triton's interpreter in tests; the
+    environment variable LSQUANT_FUSED_BEAM=0 turns it off)."""
+    import os
+
+    from .attention import use_kernel
+
+    return os.environ.get("LSQUANT_FUSED_BEAM", "1") != "0" and use_kernel(logits)
+
+
 class _Search:
     """The state of one decoding request in device tensors of static shape (see the module docstring)."""
 
@@ -211,6 +229,13 @@ class _BeamSearch(_Search):
                 lpg = lpg - self.strength * chosen[:, None, :]
             cand = (self.scores[:, g * Kg:(g + 1) * Kg, None] + lpg).reshape(B, Kg * V)
             top_s, top_i = cand.topk(min(2 * Kg, Kg * V), dim=1)            # [B, 2Kg], best first
+            if G == 1 and 2 * K <= K * V and _fused_bookkeeping(logits):
+                # the rest of the step in one kernel (lsquant.inference.beam_update), same rules
+                from .beam_update import beam_update
+
+                beam_update(self, top_s, top_i, V)
+                t.add_(1)
+                return
             beam_i, tok = top_i // V + g * Kg, top_i % V
             is_eos = tok == eos
             # finish: </s> among the first Kg ranks, finite, in a sentence still open
@@ -223,7 +248,7 @@ class _BeamSearch(_Search):
             n_new = n_new + new_ok.sum(dim=1)
             # the Kg best continuations that do not end here (stable: ties keep the topk order)
             masked = top_s.masked_fill(is_eos, NEG_INF)
-            keep = masked.topk(Kg, dim=1).indices.sort(dim=1).values       # [B, Kg], in rank order
+            keep = _keep(is_eos, Kg)                                        # [B, Kg], in rank order
             keep_s.append(masked.gather(1, keep))
             keep_rows.append(self.base + beam_i.gather(1, keep))
             keep_tok.append(tok.gather(1, keep))
