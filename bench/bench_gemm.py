@@ -72,7 +72,7 @@ def bench_shape(M: int, N: int, K: int, cache: T.TuningCache, iters: int, backen
     def lsq_args(choice):
         return [(prob.layers[i], prob.xs[i], choice) for i in range(n_sets)]
 
-    res["default_ms"] = T.time_fn(G.run_choice, lsq_args(G.default_choice()), iters=iters)
+    res["default_ms"] = T.time_fn(G.run_choice, lsq_args(G.default_choice(M)), iters=iters)
     t0 = time.perf_counter()
     r = T.tune_shape(M, N, K, out_dtype, "none", True, backends=backends, problem=prob)
     res["tune_s"] = time.perf_counter() - t0

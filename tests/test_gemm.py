@@ -420,7 +420,16 @@ def test_cuda_broken_cached_kernel_falls_back(tmp_path):
     with pytest.warns(RuntimeWarning, match="failed"):
         y = layer(x)
     assert torch.equal(y.cpu(), _ref(layer, x))
-    assert layer.choices[T.m_bucket(5)] == G.default_choice()
+    # the next kernel of the chain: the default of M (the Triton kernel for M <= 64 where Triton is there)
+    assert layer.choices[T.m_bucket(5)] == G.default_choice(5)
+    for M in (5, 100):  # a broken cached kernel above M = 64 falls back to the cuBLASLt default
+        layer.choices[T.m_bucket(M)] = bad
+        x = rand_i8(M, 128, device="cuda")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="lsquant int8 GEMM")  # warned once per kernel name already
+            y = layer(x)
+        assert torch.equal(y.cpu(), _ref(layer, x))
+        assert layer.choices[T.m_bucket(M)] == G.default_choice(M)
 
 
 def test_tuner_keeps_fastest_verified_candidate(monkeypatch):
@@ -443,6 +452,9 @@ def test_tuner_keeps_fastest_verified_candidate(monkeypatch):
              {"backend": "slow", "fake": "slow"}, {"backend": "fast", "fake": "fast"}]
     names = {"wrong": "fast-but-wrong", "crash": "crash", "slow": "slow", "fast": "fast"}
 
+    from lsquant.inference import gemm_triton
+
+    monkeypatch.setattr(gemm_triton, "available", lambda: False)  # the default: cuBLASLt's, on any machine
     monkeypatch.setattr(T, "candidates", lambda *a, **k: cands)
     monkeypatch.setattr(T, "run_choice", fake_run)
     monkeypatch.setattr(T, "choice_name", lambda c: names.get(c["backend"], G.choice_name(c)))
@@ -792,3 +804,505 @@ def test_cuda_triton_variants_in_cuda_graph_and_unaligned():
         cfg = next(c for c in GT.variant_configs(300, 1024, 2048) if c["KERNEL"] == "tma")
         y = G.run_choice(layer, xv, {"backend": "triton", "config": cfg})
         assert torch.equal(y.cpu(), _ref(layer, xv))
+
+
+# ---------------------------------------------------------------- residual add (CPU) ----
+# out = round_out(fp32(residual) + fp32(round_out(v))): bit-identical to `residual + layer(x)` in PyTorch
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32]
+# (activation, bias): the plain output, and each activation with a bias
+EPILOGUES = [("none", False), ("relu", True), ("gelu", True)]
+
+
+def _residual_like(y: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A residual of y's dtype and shape, of y's magnitude: values that cancel it, add to it, and dwarf it, so
+    the sum's rounding is exercised (not just exact small-integer sums)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = y.float().abs().max().clamp_min(1.0)
+    r = torch.randn(y.shape, generator=g) * scale
+    r.view(-1)[::7] = -y.float().reshape(-1)[::7]  # exact cancellation (to the last bit of the output type)
+    r.view(-1)[::11] *= 1000.0
+    return r.to(y.dtype)
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("activation,has_bias", EPILOGUES)
+def test_residual_reference_is_ref_plus_residual(out_dtype, activation, has_bias):
+    """Reference with a residual == reference + residual in PyTorch, bit for bit: epilogue_ref,
+    int8_linear_ref, Int8Linear on the CPU and int8_linear, with leading dimensions."""
+    x, w = rand_i8(2, 3, 40), rand_i8(37, 40)
+    w_clip, bias = torch.rand(37) + 0.1, (torch.randn(37) * 5 if has_bias else None)
+    kw = dict(x_clip=2.5, w_clip=w_clip, bias=bias, activation=activation, out_dtype=out_dtype)
+    y = G.int8_linear_ref(x, w, **kw)
+    r = _residual_like(y)
+    r_before = r.clone()
+    want = r + y
+    assert torch.equal(G.int8_linear_ref(x, w, residual=r, **kw), want)
+    assert torch.equal(G.int8_linear(x, w, residual=r, **kw), want)
+    layer = G.Int8Linear(w, **kw)
+    assert torch.equal(layer(x, residual=r), want)
+    acc = G.int8_gemm_ref(x.reshape(-1, 40), w)
+    alpha = G.gemm_alpha(torch.tensor(2.5), w_clip)
+    e = G.epilogue_ref(acc, alpha, bias, activation, out_dtype, residual=r.reshape(6, 37))
+    assert torch.equal(e, want.reshape(6, 37))
+    # the documented formula, written out: round_out(fp32(r) + fp32(round_out(v)))
+    v = G.epilogue_ref(acc, alpha, bias, activation, torch.float32)
+    formula = (r.reshape(6, 37).float() + v.to(out_dtype).float()).to(out_dtype)
+    assert torch.equal(e, formula)
+    assert torch.equal(r, r_before)  # the residual is read, never written
+    # a residual that is a strided view (rows not contiguous) is taken as is
+    big = torch.zeros(2, 3, 50, dtype=out_dtype)
+    big[..., :37] = r
+    assert torch.equal(layer(x, residual=big[..., :37]), want)
+
+
+def test_residual_errors():
+    x, w = rand_i8(4, 16), rand_i8(8, 16)
+    kw = dict(x_clip=1.0, w_clip=torch.ones(8))
+    bf = G.Int8Linear(w, out_dtype=torch.bfloat16, **kw)
+    with pytest.raises(ValueError, match=r"float outputs only.*int8"):
+        G.Int8Linear(w, out_dtype=torch.int8, out_clip=3.0, **kw)(x, residual=torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"float outputs only.*int32"):
+        G.Int8Linear(w, out_dtype=torch.int32)(x, residual=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"shape \(4, 7\), expected \(4, 8\)"):
+        bf(x, residual=torch.zeros(4, 7, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"shape \(32,\), expected \(4, 8\)"):
+        bf(x, residual=torch.zeros(32, dtype=torch.bfloat16))  # same numel, other shape: refused too
+    with pytest.raises(ValueError, match=r"torch.float16, expected torch.bfloat16"):
+        bf(x, residual=torch.zeros(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"torch.float32, expected torch.float16"):
+        G.int8_linear(x, w, out_dtype=torch.float16, residual=torch.zeros(4, 8), **kw)
+    with pytest.raises(ValueError, match="expected"):
+        G.int8_linear_ref(x, w, out_dtype=torch.float32, residual=torch.zeros(4, 9), **kw)
+    with pytest.raises(ValueError, match="float outputs only"):
+        G.epilogue_ref(torch.zeros(4, 8, dtype=torch.int32), torch.ones(8), None, "none", torch.int8, 1.0,
+                       residual=torch.zeros(4, 8))
+    with pytest.raises(TypeError, match="tensor"):
+        bf(x, residual=[[0.0] * 8] * 4)
+
+
+def test_residual_errors_triton_launcher():
+    """int8_linear_triton checks the residual before anything is compiled or launched."""
+    pytest.importorskip("triton")
+    from lsquant.inference import gemm_triton as GT
+
+    x, w = rand_i8(4, 16), rand_i8(8, 16)
+    cfg = GT.config_dict(GT.CONFIGS[0])
+    ones = torch.ones(8)
+    with pytest.raises(ValueError, match="float outputs only"):
+        GT.int8_linear_triton(x, w, ones, None, 0, torch.int8, torch.ones(1), cfg, torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"residual must be torch.float16 \(4, 8\)"):
+        GT.int8_linear_triton(x, w, ones, None, 0, torch.float16, None, cfg, torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"residual must be torch.float32 \(4, 8\)"):
+        GT.int8_linear_triton(x, w, ones, None, 0, torch.float32, None, cfg, torch.zeros(8, 4))
+
+
+def _fake_ext(monkeypatch):
+    import importlib
+
+    build = importlib.import_module("lsquant.ops.build")
+    fake = _FakeExt()
+    monkeypatch.setattr(build, "load", lambda *a, **k: fake)
+    monkeypatch.setattr(G, "_workspace", lambda device: torch.empty(16, dtype=torch.uint8))
+    return fake
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("M", [1, 17, 300])
+def test_residual_cublaslt_fallback_dequant_plumbing_cpu(monkeypatch, out_dtype, M):
+    """The cuBLASLt path (plain and in row chunks), the fallback and the dequant backend add the residual
+    after their result with one PyTorch add: bit-identical to their own output + residual (with a stand-in
+    extension on the CPU)."""
+    fake = _fake_ext(monkeypatch)
+    N, K = 70, 67
+    layer = G.Int8Linear(rand_i8(N, K), w_clip=torch.rand(N) + 0.1, x_clip=3.0, bias=torch.randn(N),
+                         activation="relu", out_dtype=out_dtype)
+    x = rand_i8(M, K)
+    want_plain = layer(x)
+    r = _residual_like(want_plain, seed=M)
+    r_before = r.clone()
+    want = layer(x, residual=r)
+    assert torch.equal(want, r + want_plain)
+    for choice in ({"backend": "cublaslt", "algo": None}, {"backend": "cublaslt", "algo": [1] * 9, "chunk_m": 128}):
+        assert torch.equal(G.run_choice(layer, x, choice, r), want), choice
+    fake.calls.clear()
+    assert torch.equal(G._run_fallback(layer, x, r), want)
+    assert fake.calls  # M < 32: the padded cuBLASLt path; else the fp64 GEMM + the epilogue kernel
+    if out_dtype != torch.float32:
+        deq = G.run_choice(layer, x, {"backend": "dequant"})
+        assert torch.equal(G.run_choice(layer, x, {"backend": "dequant"}, r), r + deq)
+    assert torch.equal(r, r_before)
+    with pytest.raises(ValueError, match="expected"):
+        G.run_choice(layer, x, {"backend": "cublaslt", "algo": None}, r[:, :-1])
+
+
+# ---------------------------------------------------------------- residual add, Triton interpreted (CPU) ----
+
+def _assert_residual_matches(y, want, plain, out_dtype, activation, what):
+    """y: a Triton kernel's output with a residual; want: the reference's; plain: the reference without the
+    residual (v rounded to out_dtype). fp16 and fp32 are bit-exact. GELU: erf differs in its last ulp between
+    numpy and PyTorch, so v may differ by a few ulps of the output's largest value (as in
+    _assert_matches_reference: where 1 + erf cancels, an absolute, not a relative, error), and the sum's
+    rounding may then flip once (an ulp of the sum). bf16 (interpreter only): its fp32 -> bf16 conversion
+    truncates instead of rounding to nearest (bit-exact on the GPU: the cuda tests), so v and the sum each
+    lose < 1 ulp."""
+    assert y.dtype == want.dtype and y.shape == want.shape, what
+    eps = torch.finfo(out_dtype).eps
+    if activation == "gelu":
+        tol = 4 * eps * plain.float().abs().max() + 2 * eps * want.float().abs()
+    elif out_dtype == torch.bfloat16:
+        tol = eps * (plain.float().abs() + 2 * want.float().abs())
+    else:
+        assert torch.equal(y, want), what
+        return
+    err = (y.float() - want.float()).abs()
+    assert (err <= tol).all(), (what, err.max().item())
+
+
+@pytest.mark.parametrize("kernel", list(INTERP_CONFIGS))
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_triton_kernels_interpreted_residual(triton_interpreter, kernel, M):
+    """Every kernel with a residual, odd shapes (M 1, 3, 17; N and K not multiples of 32; N = 72 lets the TMA
+    kernel store by TMA, N = 70 does not: the residual is loaded with pointers either way), fp16 / bf16 /
+    fp32, with and without bias and activation, against the reference; the residual a strided view."""
+    cfg = INTERP_CONFIGS[kernel]
+    gt = triton_interpreter
+    for N, K in ((72, 112), (70, 80)):
+        for out_dtype in FLOATS:
+            for activation, has_bias in EPILOGUES:
+                layer, x = _triton_case(M, N, K, out_dtype, activation, seed=M + N)
+                if not has_bias:
+                    layer = G.Int8Linear(layer.weight, w_clip=layer.w_clip, x_clip=layer.x_clip,
+                                         activation=activation, out_dtype=out_dtype)
+                plain = layer(x)
+                big = torch.zeros(M, N + 9, dtype=out_dtype)
+                big[:, 3:N + 3] = _residual_like(plain, seed=N)
+                r = big[:, 3:N + 3]  # row stride N + 9, not 16-byte aligned
+                want = layer(x, residual=r)
+                y = gt.int8_linear_triton(x, layer.weight, layer.alpha, layer.bias32,
+                                          G.ACTIVATIONS[activation], out_dtype, layer.out_inv_t, cfg, r)
+                what = (kernel, M, N, K, out_dtype, activation, has_bias)
+                _assert_residual_matches(y, want, plain, out_dtype, activation, what)
+                if out_dtype != torch.bfloat16 and activation != "gelu":
+                    # and the kernel's own output + residual in PyTorch, bit for bit
+                    y0 = gt.int8_linear_triton(x, layer.weight, layer.alpha, layer.bias32,
+                                               G.ACTIVATIONS[activation], out_dtype, layer.out_inv_t, cfg)
+                    assert torch.equal(y, r + y0), what
+    assert not big[:, :3].any() and not big[:, N + 3:].any()  # nothing written outside the residual
+
+
+def test_triton_interpreted_residual_through_layer(triton_interpreter, monkeypatch):
+    """Int8Linear's GPU dispatch (run on CPU tensors through _dispatch) hands the residual to the Triton
+    kernel: the Triton default for small M."""
+    from lsquant.inference import gemm_triton as GT
+
+    monkeypatch.setattr(GT, "available", lambda: True)
+    layer, x = _triton_case(3, 72, 112, torch.float16, "relu", seed=2)
+    layer.cache = T.TuningCache("/nonexistent/lsquant-test-cache.json", env=ENV)
+    r = _residual_like(layer(x))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lsquant int8 GEMM")
+        y = layer._dispatch(x, None, r)
+    assert layer.choices[T.m_bucket(3)] == G.default_choice(3) and G.default_choice(3)["backend"] == "triton"
+    assert torch.equal(y, layer(x, residual=r))
+
+
+# ---------------------------------------------------------------- default kernel and fallback chain (CPU) ----
+
+def test_default_choice_small_m_is_triton(monkeypatch, tmp_path):
+    from lsquant.inference import gemm_triton as GT
+
+    lt = {"backend": "cublaslt", "algo": None}
+    assert G.default_choice() == lt  # the original signature: cuBLASLt's default
+    # the Triton default is one of the tiled kernel's configs, the one the H100 tuner chose
+    cfg = G.DEFAULT_TRITON_CONFIG
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["num_stages"],
+            cfg["GROUP_M"]) in GT.CONFIGS
+    monkeypatch.setattr(GT, "available", lambda: True)
+    for M in (1, 2, 17, 64):
+        c = G.default_choice(M)
+        assert c == {"backend": "triton", "config": cfg}, M
+        assert G.choice_name(c) == T.choice_name(c) == "triton:16x32x256-w4-s4-g1"
+        c["config"]["BLOCK_M"] = 999  # a copy: callers cannot change the default
+    assert G.DEFAULT_TRITON_CONFIG["BLOCK_M"] == 16
+    for M in (65, 128, 8192):
+        assert G.default_choice(M) == lt, M
+    assert G.default_choice() == lt
+    # Int8Linear.choice_for: no cache entry -> the default of M, memoised per bucket
+    layer = G.Int8Linear(rand_i8(40, 32), w_clip=torch.ones(40), x_clip=1.0,
+                         cache=T.TuningCache(tmp_path / "none.json", env=ENV))
+    assert layer.choice_for(5)["backend"] == "triton" and layer.choice_for(100) == lt
+    assert set(layer.choices) == {8, 128}
+    # the tuner's candidates start with the default, then cuBLASLt's default
+    monkeypatch.setattr(T, "cublaslt_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(T, "triton_candidates", lambda *a, **k: [])
+    assert T.candidates(8, 1024, 1024, torch.bfloat16)[:2] == [G.default_choice(8), lt]
+    assert T.candidates(512, 1024, 1024, torch.bfloat16)[0] == lt
+    # without Triton on a CUDA device: cuBLASLt for every M
+    monkeypatch.setattr(GT, "available", lambda: False)
+    assert all(G.default_choice(M) == lt for M in (1, 64, 65))
+    assert T.candidates(8, 1024, 1024, torch.bfloat16)[:2] == [lt, {"backend": "dequant"}]
+
+
+def test_fallback_chain_order(monkeypatch):
+    from lsquant.inference import gemm_triton as GT
+
+    lt = G.default_choice()
+    tri = {"backend": "triton", "config": dict(G.DEFAULT_TRITON_CONFIG)}
+    cached = {"backend": "cublaslt", "algo": [7] * 9}
+    monkeypatch.setattr(GT, "available", lambda: True)
+    assert G.fallback_chain(cached, 5) == [cached, tri, lt]
+    assert G.fallback_chain(tri, 5) == [tri, lt]
+    assert G.fallback_chain(lt, 5) == [lt]  # never back up to the Triton default
+    assert G.fallback_chain(cached, 100) == [cached, lt]
+    assert G.fallback_chain(tri, 100) == [tri, lt]
+
+
+class _Runner:
+    """Stands in for run_choice / _run_fallback: records what ran, fails for the backends in ``fail``."""
+
+    def __init__(self, fail=()):
+        self.fail = set(fail)
+        self.calls = []
+
+    def name(self, choice):
+        return "triton-default" if choice == {"backend": "triton", "config": G.DEFAULT_TRITON_CONFIG} \
+            else G.choice_name(choice)
+
+    def run(self, layer, x2, choice, residual=None):
+        n = self.name(choice)
+        self.calls.append((n, residual is not None))
+        if n in self.fail:
+            raise RuntimeError(f"{n} cannot run here")
+        y = layer(x2)  # the CPU reference
+        return y if residual is None else y + residual
+
+    def fallback(self, layer, x2, residual=None):
+        self.calls.append(("fallback", residual is not None))
+        y = layer(x2)
+        return y if residual is None else y + residual
+
+
+def _chain_setup(monkeypatch, fail):
+    from lsquant.inference import gemm_triton as GT
+
+    monkeypatch.setattr(GT, "available", lambda: True)
+    runner = _Runner(fail)
+    monkeypatch.setattr(G, "run_choice", runner.run)
+    monkeypatch.setattr(G, "_run_fallback", runner.fallback)
+    layer = G.Int8Linear(rand_i8(24, 32), w_clip=torch.rand(24) + 0.1, x_clip=2.0, out_dtype=torch.float16,
+                         cache=T.TuningCache("/nonexistent/lsquant-test-cache.json", env=ENV))
+    return runner, layer
+
+
+def _call_counting_warnings(layer, x, **kw):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        y = layer._dispatch(x, **kw)
+    return y, [w for w in rec if issubclass(w.category, RuntimeWarning)]
+
+
+def test_failing_triton_default_falls_back_to_cublaslt(monkeypatch):
+    runner, layer = _chain_setup(monkeypatch, fail={"triton-default"})
+    x = rand_i8(5, 32)
+    r = torch.randn(5, 24).half()
+    y, warned = _call_counting_warnings(layer, x, residual=r)
+    assert torch.equal(y, layer(x, residual=r))
+    assert runner.calls == [("triton-default", True), ("cublaslt:default", True)]
+    assert len(warned) == 1 and "triton:16x32x256-w4-s4-g1 failed" in str(warned[0].message)
+    assert "using cublaslt:default" in str(warned[0].message)
+    assert layer.choices[8] == G.default_choice()
+    runner.calls.clear()
+    y, warned = _call_counting_warnings(layer, x)  # memoised: the Triton default is not tried again
+    assert runner.calls == [("cublaslt:default", False)] and not warned
+    # another bucket tries its own chain once (a failure may be shape-specific), without a second warning
+    runner.calls.clear()
+    y, warned = _call_counting_warnings(layer, rand_i8(40, 32))
+    assert runner.calls == [("triton-default", False), ("cublaslt:default", False)] and not warned
+    assert layer.choices[64] == G.default_choice()
+
+
+def test_failing_defaults_reach_the_fallback_without_recursion(monkeypatch):
+    runner, layer = _chain_setup(monkeypatch, fail={"triton-default", "cublaslt:default"})
+    x = rand_i8(3, 32)
+    y, warned = _call_counting_warnings(layer, x)
+    assert torch.equal(y, layer(x))
+    assert runner.calls == [("triton-default", False), ("cublaslt:default", False), ("fallback", False)]
+    assert len(warned) == 1  # one warning naming both kernels
+    msg = str(warned[0].message)
+    assert "triton:16x32x256-w4-s4-g1 failed" in msg and "cublaslt:default failed" in msg and "fallback" in msg
+    assert layer.choices[4] == G.default_choice()
+    for _ in range(3):  # from then on: cuBLASLt default (failing) -> fallback, silently
+        runner.calls.clear()
+        y, warned = _call_counting_warnings(layer, x)
+        assert runner.calls == [("cublaslt:default", False), ("fallback", False)] and not warned
+    # an explicitly requested Triton default does not loop either
+    runner.calls.clear()
+    y, warned = _call_counting_warnings(layer, x, choice=G.default_choice(3))
+    assert runner.calls == [("triton-default", False), ("cublaslt:default", False), ("fallback", False)]
+
+
+def test_failing_cached_kernel_chain(monkeypatch):
+    bad = {"backend": "cublaslt", "algo": [99999] + [0] * 8}
+    bad_name = G.choice_name(bad)
+    runner, layer = _chain_setup(monkeypatch, fail={bad_name})
+    for M, want_calls, want_choice in (
+            (5, [bad_name, "triton-default"], G.default_choice(5)),
+            (100, [bad_name, "cublaslt:default"], G.default_choice())):
+        layer.choices[T.m_bucket(M)] = bad
+        runner.calls.clear()
+        x = rand_i8(M, 32)
+        y, warned = _call_counting_warnings(layer, x)
+        assert torch.equal(y, layer(x))
+        assert [c[0] for c in runner.calls] == want_calls
+        assert layer.choices[T.m_bucket(M)] == want_choice
+        assert len(warned) == (1 if M == 5 else 0)  # once per kernel name
+    # an explicit choice that fails leaves the memoised choice alone
+    layer.choices[8] = G.default_choice(5)
+    runner.calls.clear()
+    y, _ = _call_counting_warnings(layer, rand_i8(5, 32), choice=bad)
+    assert [c[0] for c in runner.calls] == [bad_name, "triton-default"]
+    assert layer.choices[8] == G.default_choice(5)
+
+
+# ---------------------------------------------------------------- residual and default kernel (GPU) ----
+
+def _residual_choices(M, N, K, out_dtype):
+    """One choice of every backend and kernel: cuBLASLt default, in row chunks, one heuristic algorithm; the
+    Triton default, the first tiled candidate, the first persistent TMA config (M > 64) and the first
+    split-K config (M <= 64) offered; dequant (fp16/bf16)."""
+    from lsquant.inference import gemm_triton as GT
+
+    choices = [G.default_choice(), {"backend": "cublaslt", "algo": None, "chunk_m": 128}]
+    choices += T.cublaslt_candidates(M, N, K, n_heuristic=1, n_enumerated=0)
+    if GT.available():
+        choices.append({"backend": "triton", "config": dict(G.DEFAULT_TRITON_CONFIG)})
+        base_cfg, variants = _variant_cases(M, N, K, out_dtype)
+        choices.append({"backend": "triton", "config": base_cfg})
+        for kind in ("tma", "splitk"):
+            first = [c for c in variants if c["KERNEL"] == kind and not c.get("WARP_SPECIALIZE")][:1]
+            choices += [{"backend": "triton", "config": c} for c in first]
+    if out_dtype != torch.float32:
+        choices.append({"backend": "dequant"})
+    return choices
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_dtype", FLOATS)
+@pytest.mark.parametrize("activation,has_bias", [("none", False), ("gelu", True)])
+@pytest.mark.parametrize("M,N,K", [(1, 33, 100), (3, 1024, 4096), (17, 250, 1000), (300, 1000, 256)])
+def test_cuda_residual_every_backend(out_dtype, activation, has_bias, M, N, K):
+    """Every backend with a residual equals its own output + residual in PyTorch bit for bit (the fused
+    Triton epilogue: tiled, TMA and split-K kernels), and the reference + residual (bit for bit without
+    GELU; with GELU within a few ulps)."""
+    from lsquant.inference import gemm_triton as GT
+
+    layer = _cuda_layer(N, K, out_dtype, activation, bias=has_bias)
+    x = rand_i8(M, K, device="cuda", nonzero=True)
+    plain_ref = _ref(layer, x)
+    r = _residual_like(plain_ref, seed=M).cuda()
+    r_before = r.clone()
+    want = r.cpu() + plain_ref
+    choices = _residual_choices(M, N, K, out_dtype)
+    if GT.available():
+        kinds = {c["config"].get("KERNEL", "tiled") for c in choices if c["backend"] == "triton"}
+        assert "tiled" in kinds and ("splitk" in kinds or M > 64 or N < 1000)
+        assert "tma" in kinds or M <= 64 or K % 16 or not GT.tma_available()
+    failures = []
+    for choice in choices:
+        name = T.choice_name(choice)
+        try:
+            y0 = G.run_choice(layer, x, choice)
+            y = G.run_choice(layer, x, choice, r)
+            torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001 - collected: every backend must work
+            failures.append((name, f"{type(e).__name__}: {e}"))
+            continue
+        if not torch.equal(y, r + y0):
+            failures.append((name, "!= own output + residual", (y.float() - (r + y0).float()).abs().max().item()))
+        if choice["backend"] != "dequant":
+            if activation != "gelu" and not torch.equal(y.cpu(), want):
+                failures.append((name, "!= reference + residual"))
+            tol = 4 * torch.finfo(out_dtype).eps * want.float().abs().max().item()
+            if (y.cpu().float() - want.float()).abs().max().item() > tol:
+                failures.append((name, "far from reference + residual"))
+    assert torch.equal(r, r_before)
+    assert not failures, failures
+    # the layer's own dispatch (the default of M: Triton for M <= 64 where available) and _run_fallback
+    layer.cache = T.TuningCache("/nonexistent/lsquant-test-cache.json", env="none")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="lsquant int8 GEMM")
+        assert torch.equal(layer(x, residual=r), r + layer(x))
+    assert torch.equal(G._run_fallback(layer, x, r), r + G._run_fallback(layer, x))
+
+
+@pytest.mark.cuda
+def test_cuda_residual_errors_and_graph():
+    layer = _cuda_layer(256, 512, torch.bfloat16, "relu")
+    layer.cache = T.TuningCache("/nonexistent/lsquant-test-cache.json", env="none")
+    x = rand_i8(5, 512, device="cuda")
+    with pytest.raises(ValueError, match="expected cuda"):
+        layer(x, residual=torch.zeros(5, 256, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="expected"):
+        layer(x, residual=torch.zeros(5, 256, dtype=torch.float16, device="cuda"))
+    with pytest.raises(ValueError, match="float outputs only"):
+        _cuda_layer(256, 512, torch.int8)(x, residual=torch.zeros(5, 256, device="cuda"))
+    # replayed from a CUDA graph (how engines run it), residual rewritten in place between replays
+    r = torch.zeros(5, 256, dtype=torch.bfloat16, device="cuda")
+    layer(x, residual=r)  # eager first: the kernel compiles, the choice is memoised
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer(x, residual=r)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x, residual=r)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        r.copy_((torch.randn(5, 256, generator=g) * 50).to(torch.bfloat16))
+        x.copy_(rand_i8(5, 512, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, r + layer(x)), seed
+
+
+@pytest.mark.cuda
+def test_cuda_default_choice_small_m():
+    """On the GPU with Triton: M <= 64 without a cache entry runs the Triton default (no warning), exactly."""
+    from lsquant.inference import gemm_triton as GT
+
+    if not GT.available():
+        pytest.fail("Triton is expected on the GPU machine")
+    for out_dtype in (torch.int8, torch.bfloat16, torch.int32):
+        layer = _cuda_layer(1024, 1024, out_dtype, "none" if out_dtype == torch.int32 else "relu")
+        layer.cache = T.TuningCache("/nonexistent/lsquant-test-cache.json", env="none")
+        for M in (1, 7, 64, 65):
+            x = rand_i8(M, 1024, device="cuda")
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="lsquant int8 GEMM")
+                y = layer(x)
+            assert layer.choices[T.m_bucket(M)] == G.default_choice(M)
+            assert layer.choices[T.m_bucket(M)]["backend"] == ("triton" if M <= 64 else "cublaslt")
+            assert torch.equal(y.cpu(), _ref(layer, x)), (out_dtype, M)  # no GELU: bit-exact, floats too
+
+
+@pytest.mark.cuda
+def test_cuda_failing_triton_default_falls_back(monkeypatch):
+    """A Triton default that cannot run (here: its launcher raising) falls back to the cuBLASLt default with
+    one warning, and the layer keeps working."""
+    from lsquant.inference import gemm_triton as GT
+
+    def broken(*a, **k):
+        raise RuntimeError("triton compile failed")
+
+    monkeypatch.setattr(GT, "available", lambda: True)
+    monkeypatch.setattr(GT, "int8_linear_triton", broken)
+    layer = _cuda_layer(300, 256, torch.float16, "relu")
+    layer.cache = T.TuningCache("/nonexistent/lsquant-test-cache.json", env="none")
+    x = rand_i8(9, 256, device="cuda")
+    r = torch.randn(9, 300, device="cuda").half()
+    with pytest.warns(RuntimeWarning, match="triton:16x32x256-w4-s4-g1 failed"):
+        y = layer(x, residual=r)
+    assert torch.equal(y, r + G.run_choice(layer, x, G.default_choice()))
+    assert layer.choices[T.m_bucket(9)] == G.default_choice()

@@ -12,7 +12,13 @@ reference) can be compared bit for bit:
 4. ``v = relu(v)`` or ``gelu(v)`` (erf form, ``torch.nn.functional.gelu(approximate="none")``) or ``v``;
 5. int8 output: ``q = clamp(round(v * out_inv_scale), -127, 127)`` with ``out_inv_scale = 1 / (out_clip /
    127)`` as in :func:`lsquant.quant.ref.quantize_ref` (round half to even); float output: ``v`` rounded to
-   fp16 / bf16 (nearest even) or kept in fp32; int32 output: ``acc`` itself (no epilogue).
+   fp16 / bf16 (nearest even) or kept in fp32; int32 output: ``acc`` itself (no epilogue);
+6. optional residual (float outputs only; ``layer(x_q, residual=r)``, ``r`` of the output's dtype and shape
+   (..., N)): ``out = round_out(fp32(r) + fp32(round_out(v)))``, where ``round_out`` is step 5's rounding to
+   the output dtype: one fp32 add, one rounding, so the result is bit-identical to ``r + layer(x_q)`` in
+   PyTorch (which adds fp16 / bf16 in fp32 and rounds once; fp32 has more than twice their precision + 2
+   bits, so that equals the correctly rounded fp16 / bf16 sum) with one kernel fewer. The Triton kernels
+   do it in their epilogue; cuBLASLt and the fallbacks add the residual with one PyTorch add afterwards.
 
 Exactness: int32 and int8 outputs are bit-exact across backends (GELU aside: its erf differs by an ulp
 between libraries, so an int8 output after GELU may differ by 1 where ``v * out_inv_scale`` lies within an
@@ -21,8 +27,14 @@ rounding of GELU. The "dequant" backend (an fp16/bf16 GEMM on dequantized operan
 fallback for float outputs, held to twice PyTorch's own fp16/bf16 error.
 
 On the CPU the reference runs (:func:`int8_linear_ref`), so engines and tests run without a GPU. On CUDA
-the kernel comes from the tuning cache (:mod:`lsquant.inference.gemm_tuner`), else the default: cuBLASLt
-with its heuristic algorithm and the CUDA epilogue.
+the kernel comes from the tuning cache (:mod:`lsquant.inference.gemm_tuner`), else the default
+(:func:`default_choice`): for M <= 64 (decoding, small batches) where Triton is available, the fused Triton
+tiled kernel with 16x32x256 tiles (one kernel, epilogue fused; on an H100 without a cache entry the
+cuBLASLt default ran at 0.61-0.75x bf16 at M <= 64 and Transformer shapes, and the tuner chose this config
+for most M <= 64 shapes at 1.2-1.9x it: bench/results/gemm_nvidia_h100_80gb_hbm3.csv); otherwise cuBLASLt
+with its heuristic algorithm and the CUDA epilogue (two kernels). A kernel that fails to run gives one
+warning and falls back: a cached choice to the default, the Triton default to the cuBLASLt default, that
+one to :func:`_run_fallback` (exact, never failing).
 """
 from __future__ import annotations
 
@@ -82,11 +94,13 @@ def gemm_alpha(x_clip: torch.Tensor | float, w_clip: torch.Tensor) -> torch.Tens
 
 def epilogue_ref(acc: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Tensor | None = None,
                  activation: str = "none", out_dtype: torch.dtype = torch.bfloat16,
-                 out_clip: torch.Tensor | float | None = None) -> torch.Tensor:
+                 out_clip: torch.Tensor | float | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """The epilogue of the module docstring, in plain PyTorch. acc: int32 (M, N); alpha: fp32 (N,); bias:
-    (N,) any float dtype or None; out_clip: the output's per-tensor clip (int8 output only) -> (M, N) of
-    out_dtype. Separate torch ops, so each fp32 step rounds once, as the kernels do."""
+    (N,) any float dtype or None; out_clip: the output's per-tensor clip (int8 output only); residual: (M, N)
+    of out_dtype (float outputs only) -> (M, N) of out_dtype. Separate torch ops, so each fp32 step rounds
+    once, as the kernels do."""
     _check_epilogue_args(activation, out_dtype, out_clip)
+    _check_residual(residual, out_dtype, tuple(acc.shape))
     if out_dtype == torch.int32:
         return acc.to(torch.int32)
     v = acc.to(torch.float32) * alpha.to(torch.float32)
@@ -100,18 +114,27 @@ def epilogue_ref(acc: torch.Tensor, alpha: torch.Tensor | None, bias: torch.Tens
         clip = torch.as_tensor(out_clip, dtype=torch.float32, device=v.device).reshape(())
         _, inv = scale_and_inv(clip)
         return torch.clamp(torch.round(v * inv), -QMAX, QMAX).to(torch.int8)
-    return v.to(out_dtype)
+    y = v.to(out_dtype)
+    if residual is not None:
+        # step 6: the rounded output and the residual added in fp32, rounded once
+        y = (residual.to(torch.float32) + y.to(torch.float32)).to(out_dtype)
+    return y
 
 
 def int8_linear_ref(x_q: torch.Tensor, w_q: torch.Tensor, x_clip=None, w_clip: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, activation: str = "none",
-                    out_dtype: torch.dtype = torch.bfloat16, out_clip=None) -> torch.Tensor:
-    """Reference of :func:`int8_linear`: x_q int8 (..., K), w_q int8 (N, K) -> (..., N) of out_dtype."""
+                    out_dtype: torch.dtype = torch.bfloat16, out_clip=None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of :func:`int8_linear`: x_q int8 (..., K), w_q int8 (N, K) -> (..., N) of out_dtype;
+    residual: (..., N) of out_dtype (float outputs) added as step 6 of the module docstring."""
     lead = x_q.shape[:-1]
+    N = w_q.shape[0]
+    _check_residual(residual, out_dtype, (*lead, N))
     acc = int8_gemm_ref(x_q.reshape(-1, x_q.shape[-1]), w_q)
     alpha = None if out_dtype == torch.int32 else gemm_alpha(x_clip, w_clip.to(acc.device))
-    y = epilogue_ref(acc, alpha, bias, activation, out_dtype, out_clip)
-    return y.reshape(*lead, w_q.shape[0])
+    res2 = residual.reshape(-1, N) if residual is not None else None
+    y = epilogue_ref(acc, alpha, bias, activation, out_dtype, out_clip, res2)
+    return y.reshape(*lead, N)
 
 
 def _check_int8_operands(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -134,13 +157,65 @@ def _check_epilogue_args(activation: str, out_dtype: torch.dtype, out_clip) -> N
         raise ValueError("an int32 output is the raw accumulator: it has no activation")
 
 
+FLOAT_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_residual(residual, out_dtype: torch.dtype, shape: tuple, device=None) -> None:
+    """A residual is a tensor of the output's dtype (a float one) and shape (and device, if given)."""
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual must be a tensor, got {type(residual).__name__}")
+    name = OUT_NAMES.get(out_dtype, str(out_dtype))
+    if out_dtype not in FLOAT_OUT_DTYPES:
+        raise ValueError(f"a residual is added to float outputs only (fp16/bf16/fp32), not to an {name} output")
+    if tuple(residual.shape) != tuple(shape):
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {tuple(shape)} (the output's)")
+    if residual.dtype != out_dtype:
+        raise ValueError(f"residual is {residual.dtype}, expected {out_dtype} (the output dtype, {name})")
+    if device is not None and residual.device != device:
+        raise ValueError(f"residual is on {residual.device}, expected {device} (the input's device)")
+
+
 # ------------------------------------------------------------------------------------------------------
 # Kernel choices and the prepared layer
 # ------------------------------------------------------------------------------------------------------
 
-def default_choice() -> dict:
-    """The kernel used without a tuning-cache entry: cuBLASLt's heuristic algorithm + the CUDA epilogue."""
+# The default of small M (decoding): the Triton tiled kernel's (16, 32, 256, w4, s4, g1) config of
+# gemm_triton.CONFIGS, which the tuner chose for most M <= 64 Transformer shapes on an H100 (1.2-1.9x the
+# cuBLASLt default: bench/results/gemm_nvidia_h100_80gb_hbm3.csv)
+DEFAULT_TRITON_MAX_M = 64
+DEFAULT_TRITON_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4, "GROUP_M": 1}
+
+
+def default_choice(M: int | None = None) -> dict:
+    """The kernel used without a tuning-cache entry for M rows (tokens).
+
+    ``M <= 64`` where Triton is available on a CUDA device (:func:`lsquant.inference.gemm_triton.available`):
+    the fused Triton tiled kernel with :data:`DEFAULT_TRITON_CONFIG` (one kernel). Otherwise, and without M
+    (the original signature), cuBLASLt's heuristic algorithm + the CUDA epilogue (two kernels), which is
+    also the first fallback of a failing Triton default."""
+    if M is not None and M <= DEFAULT_TRITON_MAX_M:
+        from . import gemm_triton
+
+        if gemm_triton.available():
+            return {"backend": "triton", "config": dict(DEFAULT_TRITON_CONFIG)}
     return {"backend": "cublaslt", "algo": None}
+
+
+def fallback_chain(choice: dict, M: int) -> list[dict]:
+    """The kernels tried, in order, for a call whose chosen kernel is ``choice``: the choice, then (if it is
+    neither) :func:`default_choice` of M, then the cuBLASLt default; after them :func:`_run_fallback`. Each
+    step only goes down the list, so a failing default never leads back to itself."""
+    lt = default_choice()
+    chain = [choice]
+    if choice != lt:
+        d = default_choice(M)
+        if d not in chain:
+            chain.append(d)
+        if lt not in chain:
+            chain.append(lt)
+    return chain
 
 
 def choice_name(choice: dict) -> str:
@@ -189,10 +264,12 @@ class Int8Linear:
     clip (static at inference); bias: (N,) or None; activation: "none" | "relu" | "gelu"; out_dtype: int32
     (raw accumulator, clips unused) | int8 (needs out_clip) | fp16 | bf16 | fp32.
 
-    ``layer(x_q)``: x_q int8 (..., K) -> (..., N) of out_dtype. The kernel for each M bucket is looked up
-    once in the tuning cache (``cache``: a :class:`~lsquant.inference.gemm_tuner.TuningCache`, default the
-    process-wide one) and memoised; without an entry, :func:`default_choice`. If a cached kernel fails to
-    run (say, a Triton version change), a warning is given and the default is used from then on.
+    ``layer(x_q, residual=None)``: x_q int8 (..., K) -> (..., N) of out_dtype; ``residual`` (float outputs
+    only): a tensor of out_dtype and shape (..., N) added to the output (step 6 of the module docstring,
+    bit-identical to ``residual + layer(x_q)``). The kernel for each M bucket is looked up once in the tuning
+    cache (``cache``: a :class:`~lsquant.inference.gemm_tuner.TuningCache`, default the process-wide one)
+    and memoised; without an entry, :func:`default_choice` (M). If a kernel fails to run (say, a Triton
+    version change), one warning is given and the next of :func:`fallback_chain` is used from then on.
     """
 
     weight: torch.Tensor
@@ -269,7 +346,8 @@ class Int8Linear:
 
     # -- dispatch --
 
-    def __call__(self, x_q: torch.Tensor, choice: dict | None = None) -> torch.Tensor:
+    def __call__(self, x_q: torch.Tensor, choice: dict | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
         if x_q.dtype != torch.int8:
             raise TypeError(f"x_q must be int8, got {x_q.dtype}: quantize the activations first")
         if x_q.shape[-1] != self.K:
@@ -277,35 +355,56 @@ class Int8Linear:
         if x_q.device != self.weight.device:
             raise ValueError(f"x_q is on {x_q.device}, the weight on {self.weight.device}")
         lead = x_q.shape[:-1]
+        _check_residual(residual, self.out_dtype, (*lead, self.N), x_q.device)
         x2 = x_q.reshape(-1, self.K)
+        res2 = residual.reshape(-1, self.N) if residual is not None else None
         if not x_q.is_cuda:
             acc = int8_gemm_ref(x2, self.weight)
-            y = epilogue_ref(acc, self.alpha, self.bias32, self.activation, self.out_dtype, self.out_clip_t)
+            y = epilogue_ref(acc, self.alpha, self.bias32, self.activation, self.out_dtype, self.out_clip_t, res2)
             return y.reshape(*lead, self.N)
         M = x2.shape[0]
         if M == 0:
             return torch.empty(*lead, self.N, dtype=self.out_dtype, device=x_q.device)
+        return self._dispatch(x2, choice, res2).reshape(*lead, self.N)
+
+    def _dispatch(self, x2: torch.Tensor, choice: dict | None = None, residual: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """The GPU path of a call: x2 int8 (M, K), M > 0 -> (M, N). Runs ``choice`` (default: the memoised
+        choice of M's bucket) and, if it fails, the rest of :func:`fallback_chain`, then
+        :func:`_run_fallback`: one warning for the kernels that failed (once per kernel name), and the
+        bucket's memoised choice moves to the kernel that ran. A loop over a finite list, no recursion."""
+        M = x2.shape[0]
+        memoised = choice is None
         if choice is None:
             choice = self.choice_for(M)
         try:
-            y = run_choice(self, x2, choice)
-        except Exception as e:  # a cached kernel that cannot run here must not take the engine down
-            name = choice_name(choice)
-            is_default = choice == default_choice()
-            if name not in self._failed:
-                warnings.warn(f"lsquant int8 GEMM: kernel {name} failed for M={M}, N={self.N}, K={self.K} "
-                              f"({type(e).__name__}: {e}); using "
-                              f"{'a fallback' if is_default else 'the default kernel'}", RuntimeWarning,
-                              stacklevel=2)
-                self._failed.add(name)
-            if is_default:
-                y = _run_fallback(self, x2)
-            else:
-                from .gemm_tuner import m_bucket
+            return run_choice(self, x2, choice, residual)  # the hot path: nothing else per call
+        except Exception as e:  # a kernel that cannot run here must not take the engine down
+            failed = [(choice, e)]
+        y = used = None
+        for c in fallback_chain(choice, M)[1:]:  # (a failure may be shape-specific: each bucket tries its chain)
+            try:
+                y = run_choice(self, x2, c, residual)
+                used = c
+                break
+            except Exception as e:
+                failed.append((c, e))
+        new = [(c, e) for c, e in failed if choice_name(c) not in self._failed]
+        if new:
+            what = "; ".join(f"kernel {choice_name(c)} failed ({type(e).__name__}: {e})" for c, e in new)
+            instead = choice_name(used) if used is not None else "a fallback (exact, slow)"
+            warnings.warn(f"lsquant int8 GEMM for M={M}, N={self.N}, K={self.K}: {what}; using {instead}",
+                          RuntimeWarning, stacklevel=3)
+            self._failed.update(choice_name(c) for c, _ in new)
+        if memoised:
+            from .gemm_tuner import m_bucket
 
-                self.choices[m_bucket(M)] = default_choice()
-                y = self(x2)
-        return y.reshape(*lead, self.N)
+            # from now on this bucket starts where this call ended (the cuBLASLt default, whose failure leads
+            # to the fallback, if nothing worked)
+            self.choices[m_bucket(M)] = used if used is not None else default_choice()
+        if y is None:
+            y = _run_fallback(self, x2, residual)
+        return y
 
     def preload(self, tokens) -> dict:
         """Look up the kernels of several token counts now (engine start-up), so that no lookup happens
@@ -322,24 +421,33 @@ class Int8Linear:
         c = self.choices.get(b)
         if c is None:
             cache = self.cache if self.cache is not None else global_cache()
-            c = cache.lookup(M, self.N, self.K, self.out_dtype) or default_choice()
+            c = cache.lookup(M, self.N, self.K, self.out_dtype) or default_choice(M)
             self.choices[b] = c
         return c
 
 
-def run_choice(layer: Int8Linear, x2: torch.Tensor, choice: dict) -> torch.Tensor:
-    """Run one kernel choice. x2: int8 (M, K) CUDA -> (M, N) of layer.out_dtype."""
+def run_choice(layer: Int8Linear, x2: torch.Tensor, choice: dict, residual: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Run one kernel choice. x2: int8 (M, K) CUDA -> (M, N) of layer.out_dtype; residual: (M, N) of
+    layer.out_dtype (float outputs) added as step 6 of the module docstring (fused into the Triton kernels'
+    epilogue, one PyTorch add after the other backends)."""
+    _check_residual(residual, layer.out_dtype, (x2.shape[0], layer.N), x2.device)
     backend = choice.get("backend")
     if backend == "cublaslt":
-        return _run_cublaslt(layer, x2, choice.get("algo"), choice.get("chunk_m"))
+        return _run_cublaslt(layer, x2, choice.get("algo"), choice.get("chunk_m"), residual)
     if backend == "triton":
         from .gemm_triton import int8_linear_triton
 
         return int8_linear_triton(x2, layer.weight, layer.alpha, layer.bias32, ACTIVATIONS[layer.activation],
-                                  layer.out_dtype, layer.out_inv_t, choice["config"])
+                                  layer.out_dtype, layer.out_inv_t, choice["config"], residual)
     if backend == "dequant":
-        return _run_dequant(layer, x2)
+        return _run_dequant(layer, x2, residual)
     raise ValueError(f"unknown int8 GEMM backend {backend!r}")
+
+
+def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """y + residual, in place in y (a fresh output): PyTorch's add, fp32 arithmetic rounded once (step 6)."""
+    return y if residual is None else y.add_(residual)
 
 
 _ALGO_IDS: dict = {}  # (N_pad, K_pad) -> cuBLASLt algorithm ids offered for that shape
@@ -379,11 +487,16 @@ def cublaslt_i32(x2: torch.Tensor, w_pad: torch.Tensor, algo=None) -> torch.Tens
     return acc
 
 
-def _run_cublaslt(layer: Int8Linear, x2: torch.Tensor, algo, chunk_m: int | None = None) -> torch.Tensor:
-    """cuBLASLt int32 GEMM + the CUDA epilogue. With chunk_m, rows go in chunks of chunk_m through one int32
-    buffer small enough to stay in L2 (50 MB): each chunk's accumulator is rewritten before it is evicted,
-    so it never makes the round trip to HBM (at 8192 x 4096 that round trip is 268 MB, ~80 us, more than
-    the bf16 GEMM's whole time)."""
+def _run_cublaslt(layer: Int8Linear, x2: torch.Tensor, algo, chunk_m: int | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """cuBLASLt int32 GEMM + the CUDA epilogue (+ the residual, one PyTorch add). With chunk_m, rows go in
+    chunks of chunk_m through one int32 buffer small enough to stay in L2 (50 MB): each chunk's accumulator
+    is rewritten before it is evicted, so it never makes the round trip to HBM (at 8192 x 4096 that round
+    trip is 268 MB, ~80 us, more than the bf16 GEMM's whole time)."""
+    return _add_residual(_cublaslt_result(layer, x2, algo, chunk_m), residual)
+
+
+def _cublaslt_result(layer: Int8Linear, x2: torch.Tensor, algo, chunk_m: int | None = None) -> torch.Tensor:
     from lsquant.ops.build import load
 
     ext = load()
@@ -413,10 +526,15 @@ def _run_cublaslt(layer: Int8Linear, x2: torch.Tensor, algo, chunk_m: int | None
     return out
 
 
-def _run_fallback(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
+def _run_fallback(layer: Int8Linear, x2: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Where cuBLASLt's default refuses a shape: M padded to 32 rows (torch._int_mm, on the same library,
     refuses M <= 16), else the exact fp64 GEMM (every int8 partial sum is an integer below 2^53) + the
-    epilogue kernel, else everything in PyTorch. Slow but exact: never a failure."""
+    epilogue kernel, else everything in PyTorch; then the residual (one PyTorch add). Slow but exact: never
+    a failure."""
+    return _add_residual(_fallback_result(layer, x2), residual)
+
+
+def _fallback_result(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
     from lsquant.ops.build import load
 
     M = x2.shape[0]
@@ -435,8 +553,9 @@ def _run_fallback(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
         return epilogue_ref(acc, layer.alpha, layer.bias32, layer.activation, layer.out_dtype, layer.out_clip_t)
 
 
-def _run_dequant(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
-    """fp16/bf16 GEMM on dequantized operands (float outputs only): PyTorch's own precision."""
+def _run_dequant(layer: Int8Linear, x2: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """fp16/bf16 GEMM on dequantized operands (float outputs only): PyTorch's own precision; then the
+    residual (one PyTorch add)."""
     if layer.out_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("the dequant backend produces fp16/bf16 outputs only")
     dt = layer.out_dtype
@@ -447,7 +566,7 @@ def _run_dequant(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
         y = torch.relu(y)
     elif layer.activation == "gelu":
         y = F.gelu(y)
-    return y
+    return _add_residual(y, residual)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -456,18 +575,21 @@ def _run_dequant(layer: Int8Linear, x2: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x_q: torch.Tensor, weight: torch.Tensor, x_clip=None, w_clip: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, activation: str = "none",
-                out_dtype: torch.dtype = torch.bfloat16, out_clip=None, choice: dict | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype = torch.bfloat16, out_clip=None, choice: dict | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
     """int8 linear with a fused epilogue (see the module docstring for the arithmetic).
 
     x_q: int8 (..., K); weight: int8 (N, K); x_clip: activation clip (scalar); w_clip: fp32 (N,); bias:
     (N,) or None; activation: "none" | "relu" | "gelu"; out_dtype: torch.int32 | int8 | float16 | bfloat16
-    | float32; out_clip: the output clip (int8 output). Returns (..., N) of out_dtype. CPU tensors use the
-    reference; CUDA tensors the tuned kernel (or ``choice``). Layers called repeatedly should build an
-    :class:`Int8Linear` once instead (weight padding and scales are then prepared once).
+    | float32; out_clip: the output clip (int8 output); residual: (..., N) of out_dtype (float outputs
+    only), added to the output (bit-identical to ``residual + int8_linear(...)``). Returns (..., N) of
+    out_dtype. CPU tensors use the reference; CUDA tensors the tuned kernel (or ``choice``). Layers called
+    repeatedly should build an :class:`Int8Linear` once instead (weight padding and scales are then prepared
+    once).
     """
     layer = Int8Linear(weight, w_clip=w_clip, x_clip=x_clip, bias=bias, activation=activation,
                        out_dtype=out_dtype, out_clip=out_clip)
-    return layer(x_q, choice=choice)
+    return layer(x_q, choice=choice, residual=residual)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,14 @@ output equaled the tiled kernel's bit for bit, float and GELU included):
   counter) takes the sum, resets workspace and counter to zero (so no memset launch is needed) and runs the
   epilogue.
 
-Arithmetic: the epilogue of :mod:`lsquant.inference.gemm`. The kernels are compiled with
-``enable_fp_fusion=False`` (ptxas --fmad=false), so the multiply and the add are never contracted into an
-FMA and round exactly like the reference's two separate fp32 operations; rounding half to even uses the
-1.5 * 2^23 trick (no libdevice: the same code runs in Triton's CPU interpreter); the output's 1/scale comes
-precomputed (IEEE division in PyTorch), as Triton's ``/`` on fp32 is an approximate division.
+Arithmetic: the epilogue of :mod:`lsquant.inference.gemm`, the optional residual add included (``HAS_RES``:
+float outputs; the residual tile is loaded with the output tile's mask, through pointers in every kernel,
+also where the TMA kernel stores its output by TMA; the K loops are the same with or without it). The
+kernels are compiled with ``enable_fp_fusion=False`` (ptxas --fmad=false), so the multiply and the add are
+never contracted into an FMA and round exactly like the reference's two separate fp32 operations; rounding
+half to even uses the 1.5 * 2^23 trick (no libdevice: the same code runs in Triton's CPU interpreter); the
+output's 1/scale comes precomputed (IEEE division in PyTorch), as Triton's ``/`` on fp32 is an approximate
+division.
 
 Layouts: x (M, K) row-major and w (N, K) row-major: both K-contiguous ("TN"), the only layout int8 wgmma
 takes; any M, N, K (masked loads, or TMA's zero fill), K contiguous (stride 1) required.
@@ -260,11 +263,14 @@ def _build(interpret: bool) -> dict:
     import triton.language as tl
 
     @triton.jit
-    def _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                  OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr):
-        # OUT_KIND: 0 int32 accumulator, 1 int8 re-quantized, 2 float (OUT_TY)
+    def _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr,
+                  HAS_RES: tl.constexpr):
+        # OUT_KIND: 0 int32 accumulator, 1 int8 re-quantized, 2 float (OUT_TY). HAS_RES (float outputs only):
+        # out = OUT_TY(fp32(residual) + fp32(OUT_TY(v))), the residual (M, N) of OUT_TY read with the output
+        # tile's mask (offs_m < M, offs_n < N) through pointers (row stride stride_rm, columns contiguous)
         if OUT_KIND == 0:
-            res = acc
+            out = acc
         else:
             # plain * and +: the kernels are compiled with enable_fp_fusion=False, so each rounds once (no FMA)
             alpha = tl.load(alpha_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -283,10 +289,17 @@ def _build(interpret: bool) -> dict:
                 # hardware's round-to-nearest-even does the rounding (exact for |t| <= 2^22)
                 q = (t + 12582912.0) - 12582912.0
                 q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                res = q.to(tl.int8)
+                out = q.to(tl.int8)
             else:
-                res = v.to(OUT_TY)
-        return res
+                out = v.to(OUT_TY)
+                if HAS_RES:
+                    # round to OUT_TY first, then one fp32 add and one rounding: PyTorch's `residual + y`
+                    # (fp16/bf16 adds compute in fp32 and round once)
+                    rmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+                    r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=rmask,
+                                other=0.0)
+                    out = (r.to(tl.float32) + out.to(tl.float32)).to(OUT_TY)
+        return out
 
     @triton.jit
     def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -300,10 +313,11 @@ def _build(interpret: bool) -> dict:
         return pid_m, pid_n
 
     @triton.jit
-    def int8_linear_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, M, N, K, stride_xm, stride_wn,
-                           stride_om, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+    def int8_linear_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, M, N, K, stride_xm,
+                           stride_wn, stride_om, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                           OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                           EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -329,31 +343,33 @@ def _build(interpret: bool) -> dict:
 
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        res = _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
-                        out_ptr.dtype.element_ty)
+        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
+                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
         tl.store(out_ptrs, res, mask=mask)
 
     @triton.jit
-    def _store_part(acc, off_m, off_n, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, TMA_STORE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+    def _store_part(acc, off_m, off_n, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
+                    stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
+                    HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
+        offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, SUB_N)
-        res = _epilogue(acc, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
-                        out_ptr.dtype.element_ty)
+        # the residual is read through pointers (masked) even where the output is stored by TMA
+        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
+                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
         if TMA_STORE:
             # TMA clips the rows and columns past (M, N): no mask
             out_desc.store([off_m, off_n], res)
         else:
-            offs_m = off_m + tl.arange(0, BLOCK_M)
             mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
             tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
 
     @triton.jit
-    def int8_linear_tma_kernel(x_desc, w_desc, out_desc, out_ptr, alpha_ptr, bias_ptr, inv_ptr, M, N, K,
-                               stride_om, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, EPI_SUBTILE: tl.constexpr,
-                               TMA_STORE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+    def int8_linear_tma_kernel(x_desc, w_desc, out_desc, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, M, N, K,
+                               stride_om, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                               OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                               NUM_PROGS: tl.constexpr, EPI_SUBTILE: tl.constexpr, TMA_STORE: tl.constexpr,
+                               WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
         start = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -383,19 +399,21 @@ def _build(interpret: bool) -> dict:
                 acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 acc0, acc1 = tl.split(acc3)
                 _store_part(acc0, off_cm, off_cn, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr,
-                            inv_ptr, HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+                            inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES, TMA_STORE, BLOCK_M,
+                            BLOCK_N // 2)
                 _store_part(acc1, off_cm, off_cn + BLOCK_N // 2, M, N, out_desc, out_ptr, stride_om, alpha_ptr,
-                            bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N // 2)
+                            bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES, TMA_STORE,
+                            BLOCK_M, BLOCK_N // 2)
             else:
                 _store_part(acc, off_cm, off_cn, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr,
-                            HAS_BIAS, ACT, OUT_KIND, TMA_STORE, BLOCK_M, BLOCK_N)
+                            res_ptr, stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES, TMA_STORE, BLOCK_M, BLOCK_N)
 
     @triton.jit
-    def int8_linear_splitk_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, ws_ptr, cnt_ptr, M, N, K,
-                                  stride_xm, stride_wn, stride_om, k_per_split, HAS_BIAS: tl.constexpr,
-                                  ACT: tl.constexpr, OUT_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                                  EVEN_K: tl.constexpr):
+    def int8_linear_splitk_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, ws_ptr, cnt_ptr, M,
+                                  N, K, stride_xm, stride_wn, stride_om, stride_rm, k_per_split,
+                                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
+                                  HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
         # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -435,8 +453,8 @@ def _build(interpret: bool) -> dict:
             # the last of the SPLIT_K programs: every partial sum is in; take the total and leave zeros
             total = tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-            res = _epilogue(total, offs_n, N, alpha_ptr, bias_ptr, inv_ptr, HAS_BIAS, ACT, OUT_KIND,
-                            out_ptr.dtype.element_ty)
+            res = _epilogue(total, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS,
+                            ACT, OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
             out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
             tl.store(out_ptrs, res, mask=mask)
 
@@ -573,10 +591,13 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 
 def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None, bias32: torch.Tensor | None,
-                       act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict) -> torch.Tensor:
+                       act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """x2: int8 (M, K), w: int8 (N, K) -> (M, N) of out_dtype. alpha: fp32 (N,) (None for int32 output);
     bias32: fp32 (N,) or None; act: 0/1/2 (none/relu/gelu); out_inv: fp32 (1,) 1/scale of the int8 output.
-    config: a dict of :func:`config_dict`, :func:`tma_config_dict` or :func:`splitk_config_dict`."""
+    config: a dict of :func:`config_dict`, :func:`tma_config_dict` or :func:`splitk_config_dict`.
+    residual: (M, N) of out_dtype (float outputs only) added in the epilogue, rounded as PyTorch's
+    ``residual + y`` (see :mod:`lsquant.inference.gemm`); read, never written."""
     import triton
 
     if x2.stride(-1) != 1:
@@ -585,14 +606,24 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         w = w.contiguous()
     M, K = x2.shape
     N = w.shape[0]
-    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
     kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
+    if residual is not None:
+        if kind != 2:
+            raise ValueError(f"a residual is added to float outputs only (fp16/bf16/fp32), not to {out_dtype}")
+        if tuple(residual.shape) != (M, N) or residual.dtype != out_dtype:
+            raise ValueError(f"residual must be {out_dtype} {(M, N)}, got {residual.dtype} {tuple(residual.shape)}")
+        if residual.device != x2.device:
+            raise ValueError(f"residual is on {residual.device}, the operands on {x2.device}")
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
     d = _dummy(x2.device)
     c = config
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    epi = dict(HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind)
+    epi = dict(HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, HAS_RES=residual is not None)
     alpha_, bias_, inv_ = (alpha if alpha is not None else d, bias32 if bias32 is not None else d,
                            out_inv if out_inv is not None else d)
+    res_, stride_r = (residual, residual.stride(0)) if residual is not None else (d, 0)
     kernel_kind = c.get("KERNEL", "tiled")
     kernels = _kernels()
 
@@ -615,8 +646,8 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         progs = (num_sms(x2.device.index) * c.get("CTAS_PER_SM", 1)) if x2.is_cuda else 4
         progs = max(1, min(progs, tiles))
         kernels["tma"][(progs,)](
-            x_desc, w_desc, out_desc, out, alpha_, bias_, inv_, M, N, K, out.stride(0), **epi, BLOCK_M=bm,
-            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), NUM_PROGS=progs, EPI_SUBTILE=sub,
+            x_desc, w_desc, out_desc, out, alpha_, bias_, inv_, res_, M, N, K, out.stride(0), stride_r, **epi,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), NUM_PROGS=progs, EPI_SUBTILE=sub,
             TMA_STORE=tma_store, WARP_SPECIALIZE=ws, FLATTEN=not ws, num_warps=c["num_warps"],
             num_stages=c["num_stages"], enable_fp_fusion=False)
         return out
@@ -627,8 +658,8 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         ws, cnt = _splitk_ws.get(x2.device, tiles * bm * bn, tiles)
         kernels["splitk"][(tiles, split)](
-            x2, w, out, alpha_, bias_, inv_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
-            k_per_split, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+            x2, w, out, alpha_, bias_, inv_, res_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
+            stride_r, k_per_split, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
             EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"], num_stages=c["num_stages"],
             enable_fp_fusion=False)
         return out
@@ -636,7 +667,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     # the tiled kernel (also where a TMA config meets K % 16 != 0: same tiles, pointer loads)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     kernels["tiled"][grid](
-        x2, w, out, alpha_, bias_, inv_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), **epi, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0), num_warps=c["num_warps"],
-        num_stages=c["num_stages"], enable_fp_fusion=False)
+        x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r, **epi,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
     return out
