@@ -58,10 +58,15 @@ class _Linear:
             self.w = torch.as_tensor(t[f"{base}/weight"]).to(device=device, dtype=dtype)
             self.b = bias.to(dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float (..., K), or int8 when the previous linear re-quantized its output for this one."""
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float (..., K), or int8 when the previous kernel quantized it for this linear; residual: added to
+        the output (int8 engine: in the GEMM's epilogue, the same values as adding after)."""
+        if residual is not None:
+            residual = residual.reshape(*x.shape[:-1], residual.shape[-1])
         if self.int8:
-            return self.lin(x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip))
+            return self.lin(x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip), residual=residual)
+        if residual is not None:
+            return residual + self(x)
         if self.activation == "relu" and x.is_cuda:
             # bias and ReLU in cuBLASLt's epilogue: one kernel; relu(round(v)) == round(relu(v)), so the values
             # are F.relu(F.linear(x, w, b))'s
@@ -238,23 +243,37 @@ class _Engine:
         B, nH, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, nH * D)
 
-    def _sublayer(self, x, L, ln, fn):
-        pre = self.cfg.pre_layer_norm
-        y = x + fn(self._ln(x, L[ln]) if pre else x)
-        return y if pre else self._ln(y, L[ln])
+    def _ln_quant(self, x, wb, clip):
+        """quantize(LayerNorm(x), clip) -> int8, in one kernel where ops has it."""
+        f = getattr(ops, "layer_norm_quant", None)
+        if f is None:
+            return ops.quantize(self._ln(x, wb), clip)
+        return f(x, wb[0], wb[1], 1e-5, clip, float_out=False)[1]
+
+    def _sublayer(self, x, L, ln, fn, first: str):
+        """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual) = residual + f(h) (the add in
+        the last linear's epilogue). int8, pre-LN: the LayerNorm emits h quantized for the linear ``first``
+        (one kernel instead of LayerNorm + quantize)."""
+        if not self.cfg.pre_layer_norm:
+            return self._ln(fn(x, x), L[ln])
+        if self.int8:
+            h = self._ln_quant(x, L[ln], L[first].in_clip)
+        else:
+            h = self._ln(x, L[ln])
+        return fn(h, x)
 
     def _ffn(self, L):
-        return lambda h: L["fc2"](L["fc1"](h))
+        return lambda h, r: L["fc2"](L["fc1"](h), residual=r)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = src == self.pad
         x = self._embed("src_embedding", src)
         for L in self.enc:
-            def attn(h, L=L):
+            def attn(h, r, L=L):
                 q, k, v = (self._heads(t) for t in L["qkv"](h).chunk(3, dim=-1))
-                return L["attn_out"](self._attend(q, k, v, mask, False))
-            x = self._sublayer(x, L, "attn_ln", attn)
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
+                return L["attn_out"](self._attend(q, k, v, mask, False), residual=r)
+            x = self._sublayer(x, L, "attn_ln", attn, "qkv")
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), "fc1")
         if self.cfg.pre_layer_norm:
             x = self._ln(x, self.norms["encoder"])
         return x, mask
@@ -369,23 +388,25 @@ class _Engine:
         cross_mask = self.cross_mask[:B, :src_bucket]
         x = self._embed_step(search.tokens, t)
         for i, L in enumerate(self.dec):
-            def self_attn(h, i=i, L=L):
+            def self_attn(h, r, i=i, L=L):
                 ctx = attention.self_attention(L["qkv"](h).view(N, 3 * H), self.self_kv[i], anc, t, nH,
                                                L.get("kv_clip"), L.get("kv"), tgt_bucket, *self._out_q(L, "attn_out"))
-                return L["attn_out"](ctx).view(N, 1, H)
+                return L["attn_out"](ctx, residual=r).view(N, 1, H)
 
-            def cross_attn(h, i=i, L=L):
+            def cross_attn(h, r, i=i, L=L):
                 # the K beams of a sentence are K queries against its one copy of the source keys
                 ctx = attention.cross_attention(L["cross_q"](h).view(N, H), self.cross_kv[:, i, :B, :, :src_bucket],
                                                 cross_mask, K, *self._out_q(L, "cross_out"))
-                return L["cross_out"](ctx).view(N, 1, H)
+                return L["cross_out"](ctx, residual=r).view(N, 1, H)
 
-            x = self._sublayer(x, L, "attn_ln", self_attn)
-            x = self._sublayer(x, L, "cross_ln", cross_attn)
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
-        if self.cfg.pre_layer_norm:
-            x = self._ln(x, self.norms["decoder"])
-        search.update(self._project(x)[:, 0])
+            x = self._sublayer(x, L, "attn_ln", self_attn, "qkv")
+            x = self._sublayer(x, L, "cross_ln", cross_attn, "cross_q")
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), "fc1")
+        if self.cfg.pre_layer_norm and self.int8:   # the final LayerNorm emits the projection's int8 input
+            logits = self.proj(self._ln_quant(x, self.norms["decoder"], self.proj_clip))
+        else:
+            logits = self._project(self._ln(x, self.norms["decoder"]) if self.cfg.pre_layer_norm else x)
+        search.update(logits[:, 0])
 
     def _out_q(self, L: dict, name: str) -> tuple:
         """(clip, 1/scale) of the linear an attention's context feeds (int8: the kernel quantizes it), or Nones."""
