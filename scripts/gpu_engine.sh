@@ -10,9 +10,13 @@ mkdir -p "$OUTDIR"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUTDIR/setup.log" 2>&1
 python3 -m lsquant build -q >> "$OUTDIR/setup.log" 2>&1 || { tail -30 "$OUTDIR/setup.log"; exit 1; }
-timeout ${TEST_S:-240} python3 -m pytest -q -m cuda tests/test_attention.py tests/test_engine_transformer.py \
-  tests/test_decoding.py ${TESTS:-} > "$OUTDIR/tests.log" 2>&1
-tail -15 "$OUTDIR/tests.log"
+# one pytest per file, each under its own limit, so a slow file cannot hide the others' summaries
+for f in tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py ${TESTS:-}; do
+  echo "== $f" >> "$OUTDIR/tests.log"
+  timeout ${TEST_S:-240} python3 -m pytest -q -m cuda -rf --tb=short -p no:cacheprovider $f >> "$OUTDIR/tests.log" 2>&1
+  echo "$f: $(tail -1 "$OUTDIR/tests.log")"
+done
+grep -E "^FAILED" "$OUTDIR/tests.log" | head -20
 if [ -n "${BATCHES:-1 8 32 128}" ] && [ "${BENCH:-1}" = 1 ]; then
   timeout ${ENGINE_S:-300} python3 bench/bench_engine.py --models ${MODELS:-base big} --batches ${BATCHES:-1 8 32 128} \
     --src-lens 32 --graph on --out "$OUTDIR/engine.csv" > "$OUTDIR/engine_bench.log" 2>&1
