@@ -8,6 +8,16 @@ sentences done?" every ``CHECK_EVERY`` steps; the steps run after a sentence is 
 sentence takes no new hypothesis, a done row of greedy or sampling emits pad), so results do not depend on
 when the check happens.
 
+Plain beam search on CUDA ranks its extensions with :func:`lsquant.inference.rough_topk.beam_topk` (LightSeq's
+"rough top-k"): one kernel finds each row's max and a threshold that at least 2K masked logits reach, a second
+sums the exponentials and keeps only the values over the threshold (~2K per row; an exact fallback where ties
+overflow its slots), then a topk over K x CAP slots per sentence. log_probs + topk instead writes and reads
+fp32 [N, V] tensors: at N = 512 rows, V = 32000, 65.5 MB each, seven passes (cast, log-softmax, mask, add,
+topk): ~0.5 GB a step, where the kernels read the fp16 logits twice (2 x 32.8 MB, the second mostly from L2)
+and write ~140 KB. Values agree with log_probs + topk to the log-softmax's rounding (~1e-6; the summation
+order differs, as between PyTorch's CUDA and CPU kernels). LSQUANT_ROUGH_TOPK=0 turns it off; the CPU path
+and diverse beam search (groups > 1) always take log_probs + topk.
+
 A decoder is any object with
     step(tokens: LongTensor [N], t: int, rows: LongTensor [N] | None) -> logits FloatTensor [N, vocab]
         tokens: the previous token of each row; t: its position, 0 for the <s> that starts every row; rows:
@@ -69,6 +79,20 @@ def _keep(is_eos: torch.Tensor, K: int) -> torch.Tensor:
     -inf). The same as the K best of the scores with the ending ones set to -inf, with ties at the K-th place
     going to the better rank (a top-k would leave that choice to the library)."""
     return is_eos.to(torch.uint8).sort(dim=1, stable=True).indices[:, :K].sort(dim=1).values
+
+
+def _rough_topk(logits: torch.Tensor) -> bool:
+    """Whether plain beam search ranks its extensions with lsquant.inference.rough_topk (CUDA with Triton; the
+    environment variable LSQUANT_ROUGH_TOPK=0 turns it off). CPU tensors always take log_probs + topk."""
+    import os
+
+    if os.environ.get("LSQUANT_ROUGH_TOPK", "1") == "0" or not logits.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def _fused_bookkeeping(logits: torch.Tensor) -> bool:
@@ -216,19 +240,27 @@ class _BeamSearch(_Search):
         hypotheses by score, kept to the K best."""
         B, K, G, N, t, eos, L = self.B, self.K, self.G, self.N, self.t, self.eos, self.L
         Kg = K // G
-        lp = log_probs(logits, t, self.limits, eos, self.banned)   # [N, V]
-        V = lp.shape[-1]
-        lp = lp.view(B, K, V)
+        V = logits.shape[-1]
+        if G == 1 and _rough_topk(logits):
+            # the same ranking without the fp32 [N, V] log-softmax in memory (see lsquant.inference.rough_topk)
+            from .rough_topk import beam_topk
+
+            lp, ranked = None, beam_topk(logits, self.scores, t, self.limits, eos, self.banned, K)
+        else:
+            lp = log_probs(logits, t, self.limits, eos, self.banned).view(B, K, V)   # fp32 [B, K, V]
         is_open = (self.count < K)[:, None]
         norm_t = self.norm.index_select(0, t)
-        chosen = torch.zeros(B, V, dtype=lp.dtype, device=lp.device) if G > 1 else None
+        chosen = torch.zeros(B, V, dtype=torch.float32, device=logits.device) if G > 1 else None
         fin_s, fin_tok, keep_s, keep_rows, keep_tok, n_new = [self.fin_scores], [self.fin_tokens], [], [], [], 0
         for g in range(G):
-            lpg = lp[:, g * Kg:(g + 1) * Kg]
-            if g and self.strength:
-                lpg = lpg - self.strength * chosen[:, None, :]
-            cand = (self.scores[:, g * Kg:(g + 1) * Kg, None] + lpg).reshape(B, Kg * V)
-            top_s, top_i = cand.topk(min(2 * Kg, Kg * V), dim=1)            # [B, 2Kg], best first
+            if lp is None:
+                top_s, top_i = ranked
+            else:
+                lpg = lp[:, g * Kg:(g + 1) * Kg]
+                if g and self.strength:
+                    lpg = lpg - self.strength * chosen[:, None, :]
+                cand = (self.scores[:, g * Kg:(g + 1) * Kg, None] + lpg).reshape(B, Kg * V)
+                top_s, top_i = cand.topk(min(2 * Kg, Kg * V), dim=1)        # [B, 2Kg], best first
             if G == 1 and 2 * K <= K * V and _fused_bookkeeping(logits):
                 # the rest of the step in one kernel (lsquant.inference.beam_update), same rules
                 from .beam_update import beam_update
