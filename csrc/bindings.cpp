@@ -246,6 +246,26 @@ std::vector<torch::Tensor> ln_fwd(torch::Tensor x, torch::Tensor gamma, torch::T
   return {y, mean, rstd, yq};
 }
 
+// Inference: q = quantize(LayerNorm(x), clip) int8 like x (clip fp32 [1] on x's device, read by the kernel), and
+// y in x's dtype when float_out (else an empty tensor). Returns (y or empty, q). No autograd (no mean/rstd).
+std::vector<torch::Tensor> ln_quant_fwd(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, double eps,
+                                        torch::Tensor clip, bool float_out) {
+  check_cuda_contig(x, "x");
+  layers_check_like(gamma, x, "gamma");
+  layers_check_like(beta, x, "beta");
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension (..., H)");
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  TORCH_CHECK(gamma.numel() == H && beta.numel() == H, "gamma and beta must have ", H, " elements");
+  check_clip(clip, x, 1, 1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = float_out ? torch::empty_like(x) : torch::empty({0}, x.options());
+  auto q = torch::empty(x.sizes(), x.options().dtype(torch::kInt8));
+  CHECK_CUDA_OK(lsq::layer_norm_fwd_int8(x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), clip.data_ptr<float>(),
+                                         float_out ? y.data_ptr() : nullptr, q.data_ptr<int8_t>(), rows, H,
+                                         static_cast<float>(eps), dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+  return {y, q};
+}
+
 // gy: grad of y, gq: grad of yq (either may be empty; gq needs the clip). Returns (gx, dgamma fp32 [H],
 // dbeta fp32 [H], dclip fp32 [1] or empty).
 std::vector<torch::Tensor> ln_bwd(torch::Tensor gy, torch::Tensor gq, torch::Tensor x, torch::Tensor gamma,
@@ -574,6 +594,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Later kernel families add their m.def lines below, one commented group per kernels/*.cu file.
   // Transformer layer kernels (issue 3): layernorm.cu, bias_dropout.cu, softmax.cu, embedding.cu, cross_entropy.cu
   m.def("ln_fwd", &ln_fwd, "LayerNorm (+ fake-quantize of y with a per-tensor clip) -> (y, mean, rstd, yq)");
+  m.def("ln_quant_fwd", &ln_quant_fwd, "LayerNorm -> (y or empty, q = quantize(y, clip) int8), inference");
   m.def("ln_bwd", &ln_bwd, "LayerNorm (+ fake-quantize) backward -> (gx, dgamma, dbeta, dclip), fp32 params");
   m.def("bias_act_fwd", &bias_act_fwd, "dropout(act(x + bias)) (+ fake-quantize with a clip); act 0 relu, 1 gelu");
   m.def("bias_act_bwd", &bias_act_bwd, "backward of bias_act_fwd -> (grad x, grad clip or empty)");

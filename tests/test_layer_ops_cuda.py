@@ -90,6 +90,122 @@ def test_layer_norm_fake_quant(rows, H, dtype):
     assert float(clip.grad.abs()) > 0
 
 
+LNQ_SHAPES = [(r, H) for r in (1, 7, 97, 1025) for H in (256, 768, 1024, 100)] + [(13, 1001), (3, 20000)]
+
+
+@pytest.mark.parametrize("float_out", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("rows,H", LNQ_SHAPES)
+def test_layer_norm_quant(rows, H, dtype, float_out):
+    """The int8-output LayerNorm against ops.layer_norm then ops.quantize (the two-kernel path), bit for bit, and
+    q against the CPU oracle quantize_ref of that y. H = 100, 1001: the scalar row loop for 2-byte types (H not a
+    multiple of 8); 100 is vectorised for fp32."""
+    x = rand(rows, H, dtype=dtype, scale=3.0) + 2.0
+    w, b = rand(H, dtype=dtype) * 0.5 + 1, rand(H, dtype=dtype) * 0.1
+    clip = torch.tensor(2.0, device=DEV)  # LN outputs reach ~4: both clipped and unclipped values
+    with torch.inference_mode():
+        y, q = ops.layer_norm_quant(x, w, b, 1e-5, clip, float_out=float_out)
+        y2 = ops.layer_norm(x, w, b, 1e-5)
+        q2 = ops.quantize(y2, clip)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert torch.equal(q, q2), f"{int((q != q2).sum())} of {q.numel()} int8 values differ from quantize(layer_norm)"
+    assert torch.equal(q.cpu(), ops.quantize_ref(y2.cpu(), clip.cpu()))
+    if float_out:
+        assert y.dtype == dtype and torch.equal(y, y2)
+    else:
+        assert y is None
+    if rows * H >= 4096:  # saturated and interior levels both present
+        assert int((q.abs() == 127).sum()) > 0 and int(((q.abs() > 0) & (q.abs() < 127)).sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32])
+@pytest.mark.parametrize("H", [64, 100])
+def test_layer_norm_quant_rounding(H, dtype):
+    """Hand-written int8 values (tests/test_layer_norm_quant.py explains them): q is taken from y rounded to x's
+    dtype (fp16/bf16: 3.4999975 -> 3.5 -> 4, 2.5000025 -> 2.5 -> 2; fp32: 3 and 3), and half steps round to even
+    and clamp to [-127, 127] (weight 0: y = bias exactly; clip 127: scale 1)."""
+    x = torch.tensor([1.0, -1.0] * (H // 2), device=DEV).repeat(3, 1).to(dtype)
+    w, b = torch.full((H,), 0.5, device=DEV, dtype=dtype), torch.full((H,), 3.0, device=DEV, dtype=dtype)
+    clip = torch.tensor([127.0], device=DEV)
+    with torch.no_grad():
+        _, q = ops.layer_norm_quant(x, w, b, 1e-5, clip, float_out=False)
+    hi, lo = (3, 3) if dtype == torch.float32 else (4, 2)
+    assert q.tolist() == [[hi, lo] * (H // 2)] * 3
+    vals = [0.5, 1.5, 2.5, 3.5, -0.5, -1.5, -2.5, -3.5, 126.5, 127.5, -127.5, 300.0, -300.0, 0.0, 0.25, 1.0, -1.0]
+    want = [0, 2, 2, 4, 0, -2, -2, -4, 126, 127, -127, 127, -127, 0, 0, 1, -1]
+    reps = -(-H // len(vals))
+    b = torch.tensor((vals * reps)[:H], device=DEV, dtype=dtype)
+    x = rand(5, H, dtype=dtype)
+    with torch.no_grad():
+        y, q = ops.layer_norm_quant(x, torch.zeros_like(b), b, 1e-5, clip)
+    assert torch.equal(y, b.expand(5, H))
+    assert q.tolist() == [(want * reps)[:H]] * 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_quant_clip_edges(dtype):
+    x = rand(7, 768, dtype=dtype, scale=2.0)
+    w, b = rand(768, dtype=dtype) * 0.5 + 1, rand(768, dtype=dtype) * 0.1
+    w[:8], b[:8] = 0, 0  # y exactly 0 there
+    with torch.no_grad():
+        y = ops.layer_norm(x, w, b, 1e-5)
+        amax = y.float().abs().max()
+        for c in (torch.tensor(1e-30, device=DEV), torch.tensor(1e30, device=DEV), amax, amax.double().reshape(1, 1)):
+            _, q = ops.layer_norm_quant(x, w, b, 1e-5, c, float_out=False)
+            assert torch.equal(q, ops.quantize(y, c)) and torch.equal(q.cpu(), ops.quantize_ref(y.cpu(), c.cpu()))
+        _, q = ops.layer_norm_quant(x, w, b, 1e-5, torch.tensor(1e-30, device=DEV))
+        assert torch.equal(q, (127 * torch.sign(y.float())).to(torch.int8))
+        _, q = ops.layer_norm_quant(x, w, b, 1e-5, amax)
+        assert int(q.abs().max()) == 127
+
+
+def test_layer_norm_quant_in_a_cuda_graph():
+    """Captured once (float_out True and False); replays after x and the clip were rewritten in place give the
+    eager two-kernel results: the kernel reads the clip on the device."""
+    dt = torch.float16
+    rows, H = 97, 768
+    x = rand(rows, H, dtype=dt, scale=2.0)
+    w, b = rand(H, dtype=dt) * 0.5 + 1, rand(H, dtype=dt) * 0.1
+    clip = torch.tensor([2.0], device=DEV)
+    with torch.no_grad():  # (not inference_mode: x and the clip are rewritten in place between replays)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (build, allocator)
+            ops.layer_norm_quant(x, w, b, 1e-5, clip)
+            ops.layer_norm_quant(x, w, b, 1e-5, clip, float_out=False)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y, q = ops.layer_norm_quant(x, w, b, 1e-5, clip)
+            none, q_only = ops.layer_norm_quant(x, w, b, 1e-5, clip, float_out=False)
+        assert none is None
+        for c, s in ((2.0, 2.0), (0.7, 1.0), (3.5, 4.0)):
+            x.copy_(rand(rows, H, dtype=dt, scale=s))
+            clip.fill_(c)
+            g.replay()
+            y2 = ops.layer_norm(x, w, b, 1e-5)
+            q2 = ops.quantize(y2, clip)
+            assert torch.equal(y, y2) and torch.equal(q, q2) and torch.equal(q_only, q2), c
+
+
+def test_layer_norm_quant_refuses_bad_inputs():
+    x, w, b = rand(4, 64, dtype=torch.float16), rand(64, dtype=torch.float16), rand(64, dtype=torch.float16)
+    clip = torch.tensor([1.0], device=DEV)
+    with pytest.raises(ValueError, match="clip is on"):
+        ops.layer_norm_quant(x, w, b, 1e-5, clip.cpu())
+    with pytest.raises(TypeError, match="must have x's dtype and device"):
+        ops.layer_norm_quant(x, w.cpu(), b, 1e-5, clip)
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.layer_norm_quant(x.clone().requires_grad_(), w, b, 1e-5, clip)
+    # the binding's own checks (internal misuse)
+    with pytest.raises(RuntimeError, match="clip has 2 values"):
+        ops.load().ln_quant_fwd(x, w, b, 1e-5, torch.ones(2, device=DEV), True)
+    with pytest.raises(RuntimeError, match="clip must be float32"):
+        ops.load().ln_quant_fwd(x, w, b, 1e-5, torch.ones(1, device=DEV, dtype=torch.float16), True)
+    with pytest.raises(RuntimeError, match="gamma and beta must have 64 elements"):
+        ops.load().ln_quant_fwd(x, w[:32], b, 1e-5, clip, False)
+
+
 # ---- bias + activation + dropout, bias + dropout + residual ---------------------------------------------------
 
 EW_SHAPES = [(1, 256), (7, 768), (97, 1024), (255, 3072), (1025, 1001), (3, 13)]

@@ -3,12 +3,19 @@
 // per-tensor fake-quantize of the next linear's input (QAT): forward writes y and yq = fake_quantize(y);
 // backward recomputes y from (x, mean, rstd, gamma, beta) bit for bit, applies the straight-through mask to
 // yq's gradient and accumulates the clip's LSQ gradient, so neither y nor the masked gradient is stored.
+// The same forward kernel has an int8 output mode for inference (kInt8): q = quantize(y, clip), the int8 input
+// of the next linear, computed from y ROUNDED to T (the value ops.layer_norm returns), so q is bit-identical to
+// LayerNorm then the quantize kernel; y itself is written only when asked (the pre-LN engine needs only q).
 //
 // Bytes per element (b = sizeof(T)): forward reads x (b; passes 2 and 3 hit L1/L2) and writes y (b), + b for
 // yq, plus 8 bytes per row (mean, rstd); backward reads gy and/or gq, x (2b-3b), writes gx (b), then a column
 // pass re-reads them (L2) for dgamma/dbeta. The unfused QAT path moves 3b more per element forward (the
 // fake-quantize kernel re-reads y, writes yq) and 3b more backward. Row loops use 16-byte loads when H is a
 // multiple of 16 / b.
+// int8 mode, per row of H: reads H x (H b from DRAM) + gamma and beta (2 H b, L2-resident: shared by all rows),
+// writes H int8 (+ H b of y when asked); no mean/rstd. LayerNorm then quantize moves H b (x) + H b (y written)
+// + H b (y re-read) + H (q): fused, 2 H b less per row without y (fp16: 3 H bytes instead of 7 H), H b less with
+// y (fp16: 5 H).
 #include "layernorm.cuh"
 #include "layer_common.cuh"
 #include "quant_math.cuh"
@@ -28,28 +35,67 @@ __device__ __forceinline__ float ln_out(float v, float mu, float rs, float g, fl
   return to_float(from_float<T>(ln_affine(v, mu, rs, g, b)));
 }
 
-template <typename T>
+// out[j] = f(j, in[j]) rounded to T (only stored when out != nullptr) and q[j] = quantize(out[j]) int8, over a
+// row, this thread's share; the same element-to-thread mapping as row_map (16-byte loads when vec).
+template <typename T, typename F>
+__device__ __forceinline__ void row_map_int8(const T* __restrict__ in, T* __restrict__ out, int8_t* __restrict__ q,
+                                             int64_t n, bool vec, float inv, F&& f) {
+  constexpr int V = Vec16<T>::N;
+  if (vec) {
+    for (int64_t i = threadIdx.x; i < n / V; i += blockDim.x) {
+      const Vec16<T> v = reinterpret_cast<const Vec16<T>*>(in)[i];
+      Vec16<T> o;
+      I8Vec<V> qv;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        o.v[k] = from_float<T>(f(i * V + k, to_float(v.v[k])));
+        qv.v[k] = static_cast<int8_t>(quant_level(to_float(o.v[k]), inv));
+      }
+      if (out) reinterpret_cast<Vec16<T>*>(out)[i] = o;
+      reinterpret_cast<I8Vec<V>*>(q)[i] = qv;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const T o = from_float<T>(f(j, to_float(in[j])));
+      if (out) out[j] = o;
+      q[j] = static_cast<int8_t>(quant_level(to_float(o), inv));
+    }
+  }
+}
+
+// kInt8 = false (training): y, mean, rstd, and with a clip yq = fake_quantize(y).
+// kInt8 = true (inference): q = quantize(y, clip) int8 (clip required), y only when y != nullptr, mean/rstd only
+// when non-null. The statistics and the affine output are the same code either way, so y is bit-identical.
+template <typename T, bool kInt8>
 __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                               T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                              const float* __restrict__ clip, T* __restrict__ yq, int64_t rows, int64_t H, float eps,
-                              bool vec) {
+                              const float* __restrict__ clip, T* __restrict__ yq, int8_t* __restrict__ q,
+                              int64_t rows, int64_t H, float eps, bool vec) {
+  // the clip is read here, on the device (a captured CUDA graph replays with the clip's current value)
   const ChannelScale s = clip ? channel_scale(clip, 0) : ChannelScale{1.f, 1.f};
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* xr = x + r * H;
     float sum = 0.f;
     row_for_each(xr, H, vec, [&](int64_t, float v) { sum += v; });
     const float mean = block_allsum(sum) / static_cast<float>(H);
-    float q = 0.f;
-    row_for_each(xr, H, vec, [&](int64_t, float v) { q += (v - mean) * (v - mean); });
-    const float rstd = 1.f / sqrtf(block_allsum(q) / static_cast<float>(H) + eps);
-    if (threadIdx.x == 0) {
+    float q2 = 0.f;
+    row_for_each(xr, H, vec, [&](int64_t, float v) { q2 += (v - mean) * (v - mean); });
+    const float rstd = 1.f / sqrtf(block_allsum(q2) / static_cast<float>(H) + eps);
+    if (threadIdx.x == 0 && mean_out) {
       mean_out[r] = mean;
       rstd_out[r] = rstd;
     }
-    row_map(xr, y + r * H, H, vec,
-            [&](int64_t j, float v) { return ln_affine(v, mean, rstd, to_float(gamma[j]), to_float(beta[j])); });
-    // each thread re-reads only the elements it has just written (row_map's mapping is the same): no barrier
-    if (clip) row_map(y + r * H, yq + r * H, H, vec, [&](int64_t, float v) { return quant_level(v, s.inv) * s.scale; });
+    const auto affine = [&](int64_t j, float v) {
+      return ln_affine(v, mean, rstd, to_float(gamma[j]), to_float(beta[j]));
+    };
+    if constexpr (kInt8) {
+      row_map_int8(xr, y ? y + r * H : nullptr, q + r * H, H, vec, s.inv, affine);
+    } else {
+      row_map(xr, y + r * H, H, vec, affine);
+      // each thread re-reads only the elements it has just written (row_map's mapping is the same): no barrier
+      if (clip)
+        row_map(y + r * H, yq + r * H, H, vec, [&](int64_t, float v) { return quant_level(v, s.inv) * s.scale; });
+    }
   }
 }
 
@@ -143,9 +189,26 @@ cudaError_t layer_norm_fwd(const void* x, const void* gamma, const void* beta, v
     using T = decltype(tag);
     const bool vec = vec_ok<T>(H, {x, gamma, beta, y, clip ? yq : nullptr});
     const int threads = row_threads(vec ? H / Vec16<T>::N : H);
-    ln_fwd_kernel<T><<<row_grid(rows), threads, 0, stream>>>(
+    ln_fwd_kernel<T, false><<<row_grid(rows), threads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(gamma), static_cast<const T*>(beta), static_cast<T*>(y),
-        mean, rstd, clip, static_cast<T*>(yq), rows, H, eps, vec);
+        mean, rstd, clip, static_cast<T*>(yq), nullptr, rows, H, eps, vec);
+  });
+}
+
+// The same launch shape as layer_norm_fwd (vec, threads, grid), so that the statistics are summed in the same
+// order and y is bit-identical to its: the outputs the binding allocates are 256-byte aligned, so vec depends on
+// x, gamma and beta alone in both launchers (q's rows are then V-byte aligned: H is a multiple of V).
+cudaError_t layer_norm_fwd_int8(const void* x, const void* gamma, const void* beta, const float* clip, void* y,
+                                int8_t* q, int64_t rows, int64_t H, float eps, int dtype, cudaStream_t stream) {
+  if (rows == 0 || H == 0) return cudaSuccess;
+  if (!clip || !q) return cudaErrorInvalidValue;
+  return dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool vec = vec_ok<T>(H, {x, gamma, beta, y, q});
+    const int threads = row_threads(vec ? H / Vec16<T>::N : H);
+    ln_fwd_kernel<T, true><<<row_grid(rows), threads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(gamma), static_cast<const T*>(beta), static_cast<T*>(y),
+        nullptr, nullptr, clip, nullptr, q, rows, H, eps, vec);
   });
 }
 

@@ -17,7 +17,8 @@ from .cross_entropy import cross_entropy, cross_entropy_ref
 from .dropout import dropout_ref, keep_mask_ref, new_seed, new_seeds
 from .embedding import embedding, embedding_ref
 from .heads import merge_heads, merge_heads_ref, split_heads, split_heads_ref
-from .layernorm import layer_norm, layer_norm_fake_quant, layer_norm_fake_quant_ref, layer_norm_ref
+from .layernorm import (layer_norm, layer_norm_fake_quant, layer_norm_fake_quant_ref, layer_norm_quant,
+                        layer_norm_quant_ref, layer_norm_ref)
 from .softmax import masked_softmax, masked_softmax_ref
 
 __all__ = [
@@ -27,7 +28,8 @@ __all__ = [
     "bias_act_dropout", "bias_act_dropout_fake_quant", "bias_act_dropout_fake_quant_ref", "bias_act_dropout_ref",
     "bias_dropout_residual", "bias_dropout_residual_ref",
     "cross_entropy", "cross_entropy_ref", "dropout_ref", "keep_mask_ref", "new_seed", "new_seeds", "embedding",
-    "embedding_ref", "layer_norm", "layer_norm_fake_quant", "layer_norm_fake_quant_ref", "layer_norm_ref",
+    "embedding_ref", "layer_norm", "layer_norm_fake_quant", "layer_norm_fake_quant_ref", "layer_norm_quant",
+    "layer_norm_quant_ref", "layer_norm_ref",
     "masked_softmax", "masked_softmax_ref",
     "merge_heads", "merge_heads_ref", "split_heads", "split_heads_ref",
 ]

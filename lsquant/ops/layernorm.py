@@ -1,5 +1,6 @@
-"""LayerNorm over the last dimension: fused CUDA kernel (csrc/kernels/layernorm.cu) and its reference, alone or
-fused with the per-tensor fake-quantize of the next linear's input (QAT).
+"""LayerNorm over the last dimension: fused CUDA kernel (csrc/kernels/layernorm.cu) and its reference, alone,
+fused with the per-tensor fake-quantize of the next linear's input (QAT), or emitting that input as int8
+(inference: :func:`layer_norm_quant`).
 
 x: (..., H) fp32/fp16/bf16; weight, bias: (H,) same dtype; y: like x. Statistics and the affine transform in
 fp32, one rounding to x's dtype at the end. The kernel saves mean and rstd (fp32, one per row) for backward.
@@ -11,7 +12,7 @@ from torch.nn import functional as F
 
 from .build import load
 from .dropout import acc
-from .quantize import _kernel_clip, fake_quantize
+from .quantize import _kernel_clip, fake_quantize, quantize_ref
 
 
 def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -25,6 +26,13 @@ def layer_norm_fake_quant_ref(x, weight, bias, eps: float, clip: torch.Tensor):
     a clip that requires grad)."""
     y = layer_norm_ref(x, weight, bias, eps)
     return y, fake_quantize(y, clip, None)
+
+
+def layer_norm_quant_ref(x, weight, bias, eps: float, clip: torch.Tensor, float_out: bool = True):
+    """(y or None, q): y = :func:`layer_norm_ref` (x's dtype), q = quantize_ref(y, clip) int8 (per-tensor clip,
+    one value), from y as rounded to x's dtype. The CPU path and the oracle of :func:`layer_norm_quant`."""
+    y = layer_norm_ref(x, weight, bias, eps)
+    return (y if float_out else None), quantize_ref(y, clip)
 
 
 _NONE = torch.empty(0)
@@ -78,3 +86,65 @@ def layer_norm_fake_quant(x, weight, bias, eps: float, clip: torch.Tensor):
     if not x.is_cuda:
         return layer_norm_fake_quant_ref(x, weight, bias, eps, clip)
     return _LayerNorm.apply(x, weight, bias, eps, clip)
+
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_quant_args(x, weight, bias, clip) -> None:
+    """Input checks of :func:`layer_norm_quant` that say how to fix a mistake (no device synchronisation: the
+    clip's value is not read here)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias), ("clip", clip)):
+        if not isinstance(t, torch.Tensor):
+            hint = (" (torch.tensor([clip], device=x.device): the kernel reads it on the device)"
+                    if name == "clip" else "")
+            raise TypeError(f"{name} must be a torch.Tensor{hint}, got {type(t).__name__}")
+    if x.dtype not in _FLOAT:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., H) with H >= 1, got shape {tuple(x.shape)}")
+    H = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (H,):
+            raise ValueError(f"{name} must have shape ({H},) to match x's last dimension, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} ({t.dtype}, {t.device}) must have x's dtype and device ({x.dtype}, {x.device}); "
+                            f"convert it with {name}.to(x)")
+    if clip.numel() != 1:
+        raise ValueError(f"clip must hold one value (a per-tensor clip), got shape {tuple(clip.shape)}")
+    if not clip.is_floating_point():
+        raise TypeError(f"clip must be a float tensor (float32), got {clip.dtype}")
+    if clip.device != x.device:
+        raise ValueError(f"clip is on {clip.device} but x on {x.device}: move it with clip.to(x.device) once, outside "
+                         "any CUDA graph capture")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias, clip)):
+        raise RuntimeError("layer_norm_quant is inference only (int8 output, no gradient), and an input requires "
+                           "grad: call it under torch.no_grad() or torch.inference_mode(), or train with "
+                           "layer_norm_fake_quant")
+
+
+def _layer_norm_quant_cuda(x, weight, bias, eps: float, clip: torch.Tensor, float_out: bool):
+    """The kernel call (arguments already checked): one launch, no host synchronisation."""
+    H = x.shape[-1]
+    y, q = load().ln_quant_fwd(x.reshape(-1, H).contiguous(), weight.contiguous(), bias.contiguous(), float(eps),
+                               _kernel_clip(clip, x), bool(float_out))
+    return (y.view(x.shape) if float_out else None), q.view(x.shape)
+
+
+def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, clip: torch.Tensor,
+                     float_out: bool = True):
+    """LayerNorm that also emits the next linear's int8 input (inference; one kernel on CUDA instead of
+    :func:`layer_norm` then :func:`lsquant.ops.quantize`).
+
+    x: (..., H) fp32/fp16/bf16; weight, bias: (H,) x's dtype; clip: one positive value (any shape of one
+    element, float, on x's device; read by the kernel on the device, so the call is CUDA-graph capturable; its
+    value is not checked here, see :func:`lsquant.quant.api.as_clip`).
+    Returns (y, q): y (..., H) in x's dtype, bit-identical to ``layer_norm(x, weight, bias, eps)``, or None when
+    float_out is False (then not written); q (..., H) int8 = ``quantize(y, clip)`` (per-tensor, scale
+    clip / 127, round half to even, [-127, 127]) of that rounded y, bit-identical to the two-kernel path.
+    No autograd: raises if an input requires grad while grad mode is on (call it under torch.no_grad() or
+    torch.inference_mode()). :func:`layer_norm_quant_ref` off CUDA."""
+    _check_quant_args(x, weight, bias, clip)
+    if not x.is_cuda:
+        return layer_norm_quant_ref(x, weight, bias, eps, clip, float_out)
+    return _layer_norm_quant_cuda(x, weight, bias, eps, clip, float_out)
