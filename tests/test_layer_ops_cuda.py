@@ -2,8 +2,12 @@
 forward and backward.
 
 Tolerance rule (DESIGN.md principle 4): max |kernel - fp64 reference| <= 2 * max |PyTorch in the same
-precision - fp64 reference| (+ 1e-6 of the output's scale, so that a PyTorch error of exactly 0 does not demand
-bit equality from a differently ordered sum). Dropout masks and the pure dropout backward are compared exactly.
+precision - fp64 reference| + a floor: 1e-6 of the output's scale, so that a PyTorch error of exactly 0 does not
+demand bit equality from a differently ordered sum; for gradients computed from low-precision saved outputs
+(the softmax backward) the floor is flash-attention's `dq_atol` (tests/test_flash_attn.py): twice the error of
+representing the reference in that precision, (ref + 0.3 - 0.3) - ref, since both kernels start from the same
+rounded probabilities and a max over a few hundred elements of two such errors is noisy at the ulp level.
+Dropout masks and the pure dropout backward are compared exactly.
 """
 import math
 
@@ -20,13 +24,17 @@ DTYPES = [torch.float16, torch.bfloat16]
 DEV = "cuda"
 
 
-def check(name, ours, ref64, torch_same, floor_scale=None):
-    """ours, torch_same: low-precision results; ref64: fp64 reference."""
+def check(name, ours, ref64, torch_same, floor_scale=None, precision_floor=False):
+    """ours, torch_same: low-precision results; ref64: fp64 reference. precision_floor: the floor of
+    flash-attention's dq_atol (see the module docstring)."""
     ref64 = ref64.double()
     err = (ours.double() - ref64).abs().max().item() if ours.numel() else 0.0
     base = (torch_same.double() - ref64).abs().max().item() if ours.numel() else 0.0
     scale = ref64.abs().max().item() if floor_scale is None and ref64.numel() else (floor_scale or 0.0)
     tol = 2 * base + 1e-6 * scale
+    if precision_floor and ours.numel():
+        r = ref64.to(ours.dtype)
+        tol = max(tol, 2 * ((r + 0.3 - 0.3).double() - r.double()).abs().max().item())
     assert math.isfinite(err) and err <= tol, f"{name}: error {err:.3e} > 2 x PyTorch's {base:.3e} (+{1e-6 * scale:.1e})"
 
 
@@ -317,7 +325,7 @@ def test_masked_softmax(B, nH, Lq, Lk, causal, masked, p, dtype):
         yt = yt * keep_like(yt.shape, p, seed).to(dtype) * (1 / (1 - p))
     yt.backward(gy)
     check("probs", y, y64, yt, floor_scale=1.0)
-    check("grad", xl.grad, x64.grad, xt.grad.nan_to_num(0.0))
+    check("grad", xl.grad, x64.grad, xt.grad.nan_to_num(0.0), precision_floor=True)
 
 
 def test_fully_masked_rows_give_zeros():
