@@ -310,12 +310,16 @@ def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str
     """Share of the split's sentences whose greedy output (every token) is the same from the engine reading
     export_path as from the model's own decoding (lsquant.models.Transformer.generate): the float model for an
     fp16 export, the calibrated model with quantization on (fake-quant) for an int8 export. engine_dtype: the
-    engine's activations (default fp16 on CUDA); the model runs in its checkpoint's precision."""
+    engine's activations (default fp16 on CUDA); the model runs in fp32."""
     from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 
     tok = tokenizer(cfg)
     dev = cfg.torch_device()
-    model = Transformer.load(model_path, map_location=dev).eval()
+    # the model decodes in fp32 (a bf16 run's checkpoint would otherwise decode in bf16: another arithmetic)
+    blob = torch.load(model_path, map_location="cpu", weights_only=False)
+    model = Transformer(dataclasses.replace(TransformerConfig.from_dict(blob["config"]), dtype="float32"))
+    model.load_state_dict(blob["model"])
+    model = model.to(dev).eval()
     if quantized:
         model.apply(lsquant.enable_quant)
     kind = QuantTransformer if quantized else FloatEngine
