@@ -573,30 +573,7 @@ def test_cublaslt_refuses_an_algorithm_id_it_does_not_offer(monkeypatch):
 # Its bf16 conversion is numpy's, not the GPU's cvt.rn, so bf16 outputs are held to 1 ulp here and to bit
 # equality with the tiled kernel on the GPU.
 
-@pytest.fixture
-def triton_interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    import triton.runtime.interpreter as interp
-
-    from lsquant.inference import gemm_triton
-
-    orig = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        # NumPy >= 2.4 refuses int() of a 1-element array, which the interpreter does for range() bounds
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
-    # Triton's own @jit functions (tl.cdiv, ...) were decorated for compilation when triton was imported
-    # without TRITON_INTERPRET: called from an interpreted kernel, they are interpreted too
-    from triton.runtime.jit import JITFunction
-
-    monkeypatch.setattr(JITFunction, "__call__", lambda self, *a, **k: interp.InterpretedFunction(self.fn)(*a, **k))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    gemm_triton._build.cache_clear()
-    yield gemm_triton
-    gemm_triton._build.cache_clear()  # the next (compiled) caller rebuilds its own kernels
+# the triton_interpreter fixture is in conftest.py
 
 
 # small tiles keep the interpreter fast; each kind of kernel, TMA with both epilogue forms

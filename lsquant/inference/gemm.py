@@ -450,13 +450,15 @@ def _add_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tenso
     return y if residual is None else y.add_(residual)
 
 
-_ALGO_IDS: dict = {}  # (N_pad, K_pad) -> cuBLASLt algorithm ids offered for that shape
+_ALGO_IDS: dict = {}  # (M bucket, N_pad, K_pad) -> cuBLASLt algorithm ids offered for that shape
 
 
 def _check_algo_id(ext, algo, M: int, N: int, K: int) -> None:
     """Refuse an algorithm id that cuBLASLt does not offer for this shape (heuristic or enumerated lists):
     passed from a stale or foreign cache file, such an id crashed cuBLASLt (a segfault) instead of failing."""
-    key = (N, K)
+    # the offered algorithms depend on M as well (an enumeration at M = 32 lacked ids the tuner found at M = 4
+    # on an H100, and the check then refused them as stale): one list per M bucket
+    key = (1 << (max(int(M), 1) - 1).bit_length(), N, K)
     if key not in _ALGO_IDS:
         ids: set[int] = set()
         for enumerate_, most in ((False, 32), (True, 2048)):
