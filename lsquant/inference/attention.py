@@ -26,16 +26,13 @@ engine dtype once, then quantized exactly as ``ops.quantize`` when an int8 outpu
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from lsquant import ops
 from lsquant.quant.ref import scale_and_inv
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from .gemm_triton import _interpret
 
 
 def use_kernel(t: torch.Tensor) -> bool:
@@ -250,4 +247,5 @@ def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
     nhead, S = kv.shape[2], kv.shape[3]
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    return _launch(q, None, kv, None, mask, q.new_zeros(1, dtype=torch.long), S, None, out_inv, beams, False, nhead)
+    # the position pointer is read by self-attention only: the mask stands in for it
+    return _launch(q, None, kv, None, mask, mask, S, None, out_inv, beams, False, nhead)

@@ -86,13 +86,9 @@ def _rough_topk(logits: torch.Tensor) -> bool:
     environment variable LSQUANT_ROUGH_TOPK=0 turns it off). CPU tensors always take log_probs + topk."""
     import os
 
-    if os.environ.get("LSQUANT_ROUGH_TOPK", "1") == "0" or not logits.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    from .attention import use_kernel
+
+    return os.environ.get("LSQUANT_ROUGH_TOPK", "1") != "0" and logits.is_cuda and use_kernel(logits)
 
 
 def _fused_bookkeeping(logits: torch.Tensor) -> bool:

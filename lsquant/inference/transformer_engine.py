@@ -162,7 +162,6 @@ class _Engine:
         self._state: dict = {}     # decoding state buffers, (name, shape, dtype) -> tensor
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self._graphs: dict = {}    # (search key, source bucket, cache bucket) or ("encode", B, S) -> (graph, outputs)
-        self._n_encoder_graphs = 0
         self._src = torch.full((max_batch_size, self.max_src_len), self.pad, dtype=torch.long, device=self.device)
         self._pool = self._stream = None
 
@@ -358,11 +357,10 @@ class _Engine:
             return enc, mask
 
         key = ("encode", B, S)
-        if not self.cuda_graph or (key not in self._graphs and self._n_encoder_graphs >= MAX_ENCODER_GRAPHS):
+        if not self.cuda_graph or (key not in self._graphs and
+                                   sum(k[0] == "encode" for k in self._graphs) >= MAX_ENCODER_GRAPHS):
             return run(src)
         self._src[:B, :S].copy_(src)
-        if key not in self._graphs:
-            self._n_encoder_graphs += 1
         return self._graphed(key, lambda: run(self._src[:B, :S]))
 
     def _embed_step(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -463,7 +461,6 @@ class _Engine:
             lin.cache = cache
             lin.choices.clear()
         self._graphs.clear()   # recorded with the earlier kernels
-        self._n_encoder_graphs = 0
         return results
 
     # -- the API --------------------------------------------------------------------------------------------
