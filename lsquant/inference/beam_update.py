@@ -28,7 +28,7 @@ import functools
 
 import torch
 
-from .attention import _interpret, use_kernel  # noqa: F401  (use_kernel: callers decide with it)
+from .gemm_triton import _interpret
 
 
 @functools.lru_cache(maxsize=1)

@@ -41,7 +41,7 @@ import functools
 
 import torch
 
-from .attention import _interpret
+from .gemm_triton import _interpret
 from .decoding import log_probs
 
 MAX_BANNED = 4   # banned ids travel as scalar kernel arguments (baked into a captured graph, no device copy)
