@@ -12,12 +12,6 @@ MIN=${1:-6}
 DATA=${LSQUANT_DATA:-$PWD/.gpu_data}
 DTYPE=${DTYPE:-bfloat16}   # bfloat16: mixed precision (fp32 master weights); float32: TF32 GEMMs
 RUN=${RUN:-runs/m30k_$DTYPE}
-# The device image lacks `datasets` (and its dill, multiprocess): carry their wheels in .whl (git-ignored).
-if ! python3 -c "import datasets" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -c "import datasets; print('datasets', datasets.__version__)" || exit 1
 cmd=(python3 -m lsquant quickstart --data "$DATA" --run-dir "$RUN" --seed 1
      --set max_train_minutes="$MIN" --set max_steps=20000 --set warmup=800 --set lr=1e-3
      --set max_batch_tokens=8192 --set vocab_size=10000 --set qat_steps=800 --set qat_lr=1e-4

@@ -8,7 +8,7 @@ from _data import multi30k_dir
 from lsquant.eval.bleu import corpus_bleu
 from lsquant.files import atomic_write, read_lines, write_lines
 from lsquant.recipes.mt import synthetic
-from lsquant.recipes.mt.data import ENV_VAR, find_splits, load_parallel, load_split, resolve_data_dir
+from lsquant.recipes.mt.data import ENV_VAR, find_splits, load_parallel, load_split, read_split, resolve_data_dir
 
 SRC = ["Ein Hund läuft.", "Zwei Männer sitzen auf einer Bank.", "Eine Frau liest."]
 TGT = ["A dog runs.", "Two men sit on a bench.", "A woman reads."]
@@ -25,6 +25,11 @@ def test_load_split_plain_and_gzip(tmp_path, gz):
     ds = load_split(_corpus(tmp_path, gz_src=gz), "train", "de", "en")
     assert ds.column_names == ["src", "tgt"] and len(ds) == 3
     assert ds[1] == {"src": SRC[1], "tgt": TGT[1]}  # umlauts survive, line i pairs with line i
+
+
+def test_read_split_gives_plain_lists(tmp_path):
+    src, tgt = read_split(_corpus(tmp_path, gz_src=True), "train", "de", "en", limit=2)
+    assert (src, tgt) == (SRC[:2], TGT[:2])
 
 
 def test_load_parallel_finds_splits_and_limit(tmp_path):

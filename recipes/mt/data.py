@@ -1,4 +1,5 @@
-"""Parallel text for translation, loaded from local files into ``datasets`` objects (no network).
+"""Parallel text for translation, read from local files (no network) as plain lists (:func:`read_split`, what the
+recipe uses) or as ``datasets`` objects (:func:`load_split`, :func:`load_parallel`).
 
 Layout (Multi30k's, also written by :mod:`lsquant.recipes.mt.synthetic`): one file per split and language,
 ``{split}.{lang}`` or ``{split}.{lang}.gz``, UTF-8, one sentence a line, the two languages aligned by line::
@@ -77,15 +78,14 @@ def find_splits(data_dir: str | os.PathLike, src_lang: str, tgt_lang: str) -> li
     return sorted(found, key=lambda s: (order.get(s, 2), s))
 
 
-def load_split(data_dir: str | os.PathLike, split: str, src_lang: str = "de", tgt_lang: str = "en",
-               limit: int | None = None):
-    """One split as a ``datasets.Dataset`` with string columns ``src`` and ``tgt`` (one row per line pair).
+def read_split(data_dir: str | os.PathLike, split: str, src_lang: str = "de", tgt_lang: str = "en",
+               limit: int | None = None) -> tuple[list[str], list[str]]:
+    """One split as two aligned lists of lines (source, target); what :func:`load_split` wraps (the recipe
+    itself reads splits this way, so it runs where ``datasets`` is not installed).
 
     limit: keep only the first ``limit`` pairs (smoke tests); the alignment check still sees every line.
     Raises FileNotFoundError for a missing file and ValueError for files whose line counts differ.
     """
-    import datasets  # deferred: importing it costs about a second
-
     src_path, tgt_path = split_file(data_dir, split, src_lang), split_file(data_dir, split, tgt_lang)
     src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
@@ -99,6 +99,16 @@ def load_split(data_dir: str | os.PathLike, split: str, src_lang: str = "de", tg
                     src_path.name, tgt_path.name)
     if limit is not None:
         src, tgt = src[:limit], tgt[:limit]
+    return src, tgt
+
+
+def load_split(data_dir: str | os.PathLike, split: str, src_lang: str = "de", tgt_lang: str = "en",
+               limit: int | None = None):
+    """One split as a ``datasets.Dataset`` with string columns ``src`` and ``tgt`` (one row per line pair);
+    the lines and errors of :func:`read_split`."""
+    import datasets  # deferred: importing it costs about a second
+
+    src, tgt = read_split(data_dir, split, src_lang, tgt_lang, limit)
     return datasets.Dataset.from_dict({"src": src, "tgt": tgt})
 
 

@@ -101,10 +101,9 @@ def data_dir(cfg: RecipeConfig) -> Path:
 
 
 def load_pairs(cfg: RecipeConfig, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
-    from .data import load_split
+    from .data import read_split
 
-    ds = load_split(data_dir(cfg), split, cfg.src_lang, cfg.tgt_lang, limit=limit)
-    return list(ds["src"]), list(ds["tgt"])
+    return read_split(data_dir(cfg), split, cfg.src_lang, cfg.tgt_lang, limit=limit)
 
 
 def tokenizer(cfg: RecipeConfig) -> MTTokenizer:
