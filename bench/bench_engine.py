@@ -11,7 +11,9 @@ same batch"), with CUDA graphs and without (column cuda_graph; --graph on|off|bo
 runs after one warm-up (which also captures the graphs), each timed by CUDA events; ms_per_step = ms / 32.
 Memory: peak allocated bytes while the implementation serves the request (its weights, caches and
 activations; each implementation is measured alone) and peak reserved bytes (the allocator's cache emptied
-first: this column also counts the memory pool of the captured graphs, which allocated bytes do not show).
+first: this column also counts the memory pool of the captured graphs, which allocated bytes do not show), both
+less `floor_mb`: what was allocated before the implementation was built (the bench's own tensors, workspaces
+and caches that earlier implementations left in the process).
 """
 from __future__ import annotations
 
@@ -149,6 +151,9 @@ def main() -> None:
                     obj = None
                     gc.collect()
                     torch.cuda.empty_cache()
+                    # what stays allocated without this implementation (the process's CUDA context aside:
+                    # workspaces, caches of earlier ones); subtracted from its peak below
+                    floor = torch.cuda.memory_allocated() / 2**20
                     try:
                         obj = build(impl, B, graph)
                     except Exception as e:  # noqa: BLE001 - record and go on
@@ -169,6 +174,7 @@ def main() -> None:
                             with torch.inference_mode():
                                 ms = timed(run)
                                 mem, reserved = peak_mb(run)
+                                mem, reserved = mem - floor, reserved - floor
                             note = ""
                         except Exception as e:  # noqa: BLE001
                             ms, mem, reserved = float("nan"), float("nan"), float("nan")
@@ -180,11 +186,11 @@ def main() -> None:
                              "tokens_per_s": round(B * NEW / ms * 1e3, 1) if ms == ms else float("nan"),
                              "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
                              "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
-                             "peak_reserved_mb": round(reserved, 1),
+                             "peak_reserved_mb": round(reserved, 1), "floor_mb": round(floor, 1),
                              "gemm_tuned": int(tune_cache is not None and impl == "lsquant_int8")}
                         rows.append(r)
                         print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
-                              f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved {note}",
+                              f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved (floor {floor:.1f}) {note}",
                               flush=True)
             write_rows(out, rows)
             obj = None
