@@ -38,6 +38,7 @@ from lsquant.models import Transformer, TransformerConfig  # noqa: E402
 MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
           "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
 VOCAB, NEW = 32000, 32
+IMPLS = ["lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16"]
 
 
 def make_files(mname: str, tmp: Path) -> tuple[TransformerConfig, Path, Path, Path]:
@@ -102,6 +103,7 @@ def main() -> None:
     ap.add_argument("--src-lens", type=int, nargs="+", default=None, help="source lengths (default 16 32 64)")
     ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, help="implementations to measure")
     ap.add_argument("--tune", choices=["on", "off"], default="on",
                     help="tune the int8 engine's GEMMs for each measured batch and source length first (the "
                          "documented workflow; into a cache under a temporary folder) or use the defaults")
@@ -114,9 +116,20 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     tune_cache = None
     if args.tune == "on":
-        from lsquant.inference.gemm_tuner import TuningCache
+        from lsquant.inference.gemm_tuner import TuningCache, set_global_cache
 
         tune_cache = TuningCache(tmp / "gemm_tuning.json")
+        set_global_cache(tune_cache)   # engines built later look their GEMM kernels up here
+
+    def pre_tune(path, B):
+        """Tune the int8 engine's GEMMs for batch B and every source length (the documented workflow: tune, then
+        serve from the cache) on a throwaway engine, so that what tuning leaves allocated in the process (its
+        timing graphs' pools, workspaces) is not counted as the measured engine's memory."""
+        eng = QuantTransformer(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
+                               cuda_graph=False)
+        for S in lens:
+            eng.tune([B], S, cache=tune_cache, progress=False)
+
     for mname in args.models:
         sizes = MODELS[mname]
         cfg, fp32_path, fp16_file, int8_file = make_files(mname, tmp)
@@ -129,9 +142,6 @@ def main() -> None:
                 cls, path = (QuantTransformer, int8_file) if impl == "lsquant_int8" else (FloatEngine, fp16_file)
                 eng = cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
                           cuda_graph=graph)
-                if tune_cache is not None and eng.int8:
-                    for S in lens:
-                        eng.tune([B], S, cache=tune_cache, progress=False)
                 return eng
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
@@ -142,6 +152,7 @@ def main() -> None:
         graphs = {"on": [True], "off": [False], "both": [True, False]}[args.graph]
         variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16") for g in graphs]
         variants += [("pytorch_fp16", False), ("hf_marian_fp16", False)]
+        variants = [(impl, g) for impl, g in variants if impl in args.impls]
         for impl, graph in variants:
             ours = impl.startswith("lsquant")
             name = f"{impl}{'+graph' if graph else ''}"
@@ -149,6 +160,8 @@ def main() -> None:
             for B in batches:
                 if ours or obj is None:   # our engines: sized for this batch; the others hold no batch buffers
                     obj = None
+                    if impl == "lsquant_int8" and tune_cache is not None:
+                        pre_tune(int8_file, B)
                     gc.collect()
                     torch.cuda.empty_cache()
                     # what stays allocated without this implementation (the process's CUDA context aside:

@@ -2,7 +2,7 @@
 # The engine work on the GPU machine in one call: build, the cuda tests of the decode-step kernels, engines and
 # (optionally) $TESTS, then the engine benchmark for $MODELS / $BATCHES (source length 32, graphs on, GEMMs
 # tuned first) and one profiled request per engine. Logs and CSVs under $OUT.
-#   [MODELS="base big"] [BATCHES="1 8 32 128"] [SRC_LENS="32"] [TESTS=...] [ENGINE_TESTS=1] [PROFILE=1]
+#   [MODELS="base big"] [BATCHES="1 8 32 128"] [SRC_LENS="32"] [IMPLS="lsquant_int8 ..."] [TESTS=...] [ENGINE_TESTS=1] [PROFILE=1]
 #   bash scripts/gpu_engine.sh
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
@@ -22,7 +22,7 @@ done
 grep -E "^FAILED" "$OUTDIR/tests.log" | head -20
 if [ -n "${BATCHES:-1 8 32 128}" ] && [ "${BENCH:-1}" = 1 ]; then
   timeout ${ENGINE_S:-300} python3 bench/bench_engine.py --models ${MODELS:-base big} --batches ${BATCHES:-1 8 32 128} \
-    --src-lens ${SRC_LENS:-32} --graph on --out "$OUTDIR/engine.csv" > "$OUTDIR/engine_bench.log" 2>&1
+    --src-lens ${SRC_LENS:-32} ${IMPLS:+--impls $IMPLS} --graph on --out "$OUTDIR/engine.csv" > "$OUTDIR/engine_bench.log" 2>&1
   grep -v "^\[" "$OUTDIR/engine_bench.log" | tail -40
   [ "${PROFILE:-1}" = 1 ] && timeout 90 python3 bench/profile_engine.py --out "$OUTDIR/engine_profile.csv" > "$OUTDIR/engine_profile.log" 2>&1
   [ "${PROFILE:-1}" = 1 ] && tail -24 "$OUTDIR/engine_profile.log"
