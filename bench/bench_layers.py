@@ -213,13 +213,35 @@ def kernel_cases(dtype, quick: bool):
                 (lambda: F.cross_entropy(x, t, label_smoothing=0.1, ignore_index=0, reduction="none")), x)
 
     cases.append(("cross_entropy", f"{T}x{V}", T * V * b, 3 * T * V * b, ce))
+
+    Bh, Lh, nHh = T // 256, 256, 16  # the attention's head split with the QKV bias, and the merge after it
+
+    def split():
+        qkv, bb = rnd(Bh, Lh, 3 * H), rnd(3 * H)
+
+        def eager():
+            t = (qkv + bb).view(Bh, Lh, 3, nHh, H // nHh).permute(2, 0, 3, 1, 4)
+            return tuple(u.contiguous() for u in t.unbind(0))
+
+        return (lambda: ops.split_heads(qkv, bb, nHh, 3)), eager, qkv
+
+    # forward: read qkv, write q, k, v (6 T H b); backward: read their grads, write qkv's (+ the bias's column sum)
+    cases.append(("split_heads+bias", f"{Bh}x{Lh}x3x{H} heads={nHh}", 6 * T * H * b, 12 * T * H * b, split))
+
+    def merge():
+        ctx = rnd(Bh, nHh, Lh, H // nHh)
+        return (lambda: ops.merge_heads(ctx)), (lambda: ctx.transpose(1, 2).reshape(Bh, Lh, H)), ctx
+
+    cases.append(("merge_heads", f"{Bh}x{nHh}x{Lh}x{H // nHh}", 2 * T * H * b, 4 * T * H * b, merge))
     return cases
 
 
-def bench_kernels(writer: Writer, dtypes, quick: bool, compile_: bool):
+def bench_kernels(writer: Writer, dtypes, quick: bool, compile_: bool, names=None):
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
         for name, shape, bytes_f, bytes_fb, make in kernel_cases(dtype, quick):
+            if names and name not in names:
+                continue
             what = dict(kind="kernel", name=name, dtype=dname, shape=shape)
             made = guarded(writer, dict(what, impl="setup"), make)
             if made is None:
@@ -234,7 +256,8 @@ def bench_kernels(writer: Writer, dtypes, quick: bool, compile_: bool):
                     def step(fn=fn, phase=phase):
                         y = fn()
                         if phase == "fwd+bwd":
-                            y.backward(torch.ones_like(y))
+                            ys = y if isinstance(y, tuple) else (y,)
+                            torch.autograd.backward(ys, [torch.ones_like(t) for t in ys])
                             leaf.grad = None
 
                     def measure(impl=impl, phase=phase, nbytes=nbytes, step=step):
@@ -462,6 +485,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one shape per kernel, one layer size, bf16 only")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     ap.add_argument("--only", choices=["kernels", "layers"], default=None)
+    ap.add_argument("--kernels", nargs="+", default=None, help="only these kernel cases (names as in the CSV, "
+                    "without the phase), e.g. split_heads+bias merge_heads")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_layers: needs a CUDA GPU", file=sys.stderr)
@@ -481,7 +506,7 @@ def main(argv=None) -> int:
         dynamo = importlib.import_module("torch._dynamo")  # (`import torch._dynamo` would make torch local)
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
     if args.only in (None, "kernels"):
-        bench_kernels(writer, dtypes, args.quick, not args.no_compile)
+        bench_kernels(writer, dtypes, args.quick, not args.no_compile, args.kernels)
     if args.only in (None, "layers"):
         bench_layers(writer, dtypes, args.quick, not args.no_compile)
     print(f"done in {time.time() - t0:.0f}s -> {out}", flush=True)
