@@ -134,12 +134,16 @@ class TableDecoder:
     that choose the same tokens see the same logits); no state to reorder. Each row is -0.3 sqrt(j) over a random
     permutation j of the ids: no equal logits among a row's best 700 even in fp16 (above -8, gaps 0.3 / (2 sqrt j)
     >= 0.0056 against fp16's spacing of 0.0039), so both paths must pick the same tokens (equal values they may
-    order differently)."""
+    order differently). Sums along different paths can still tie exactly (the same ranks met at other steps);
+    jitter > 0 adds uniform noise of that size to every entry, which makes exact ties of sums vanish."""
 
-    def __init__(self, vocab, device, dtype=torch.float32, seed=0):
+    def __init__(self, vocab, device, dtype=torch.float32, seed=0, jitter=0.0):
         g = torch.Generator().manual_seed(seed)
         perm = torch.stack([torch.randperm(vocab, generator=g) for _ in range(37)])
-        self.table = (-0.3 * perm.float().sqrt()).to(device, dtype)
+        table = -0.3 * perm.float().sqrt()
+        if jitter:
+            table = table - jitter * torch.rand(table.shape, generator=g)
+        self.table = table.to(device, dtype)
 
     def step(self, tokens, t, rows=None):
         return self.table[(tokens * 31 + t) % self.table.shape[0]]
@@ -158,12 +162,14 @@ def _spy(monkeypatch):
 
 
 def test_beam_search_with_the_kernels_equals_the_pytorch_path_in_the_interpreter(interp, monkeypatch):
-    """The plumbing of _BeamSearch.update (the kernels take over the ranking only on CUDA: forced here)."""
+    """The plumbing of _BeamSearch.update (the kernels take over the ranking only on CUDA: forced here). The
+    table is jittered: without it two of these hypotheses tie exactly (score -4.790148 both, the same ranks met at
+    other steps) and the two rankings may keep either."""
     kw = dict(bos=1, eos=EOS, pad=0, max_len=6, min_len=3, length_penalty=0.6, device="cpu")
-    want = decoding.beam_search(TableDecoder(61, "cpu"), 2, 2, **kw)
+    want = decoding.beam_search(TableDecoder(61, "cpu", jitter=1e-3), 2, 2, **kw)
     monkeypatch.setattr(decoding, "_rough_topk", lambda logits: True)
     calls = _spy(monkeypatch)
-    got = decoding.beam_search(TableDecoder(61, "cpu"), 2, 2, **kw)
+    got = decoding.beam_search(TableDecoder(61, "cpu", jitter=1e-3), 2, 2, **kw)
     assert calls == [6]   # one call per step
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
