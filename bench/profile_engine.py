@@ -46,8 +46,8 @@ def categorise(name: str) -> str:
     return "other"
 
 
-def profile(engine, src: torch.Tensor, method: str) -> tuple[float, dict[str, float], int]:
-    """-> (wall ms of one request, {category: GPU ms}, kernel count)"""
+def profile(engine, src: torch.Tensor, method: str) -> tuple[float, dict[str, float], int, dict]:
+    """-> (wall ms of one request, {category: GPU ms}, kernel count, {kernel name: (calls, GPU ms)})"""
     run = lambda: engine.infer(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
     with torch.inference_mode():
         for _ in range(2):   # warm-up: tuning lookups, graph capture, allocator
@@ -62,13 +62,16 @@ def profile(engine, src: torch.Tensor, method: str) -> tuple[float, dict[str, fl
             run()
             torch.cuda.synchronize()
     cats: dict[str, float] = {}
+    kernels: dict[str, tuple[int, float]] = {}
     count = 0
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
             c = categorise(ev.name)
             cats[c] = cats.get(c, 0.0) + ev.device_time / 1e3
+            n, ms = kernels.get(ev.name, (0, 0.0))
+            kernels[ev.name] = (n + 1, ms + ev.device_time / 1e3)
             count += 1
-    return wall, cats, count
+    return wall, cats, count, kernels
 
 
 def main() -> None:
@@ -78,6 +81,7 @@ def main() -> None:
     ap.add_argument("--src-len", type=int, default=32)
     ap.add_argument("--method", default="beam", choices=["beam", "sample"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed one by one (besides every decoding one)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_engine.py needs a CUDA GPU")
@@ -94,11 +98,17 @@ def main() -> None:
             from lsquant.inference.gemm_tuner import TuningCache
 
             eng.tune([args.batch], args.src_len, cache=TuningCache(tmp / "gemm_tuning.json"), progress=False)
-        wall, cats, n = profile(eng, src, args.method)
+        wall, cats, n, kernels = profile(eng, src, args.method)
         gpu = sum(cats.values())
         print(f"{impl}: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms ({100 * gpu / wall:.0f}% of wall), {n} kernels")
         for c, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
             print(f"   {c:18s} {ms:8.3f} ms  {100 * ms / gpu:5.1f}% of GPU time")
+        # the kernels one by one (the decoding ones all, the rest the top args.top): which kernel a category's
+        # time is in, e.g. the rough top-k's two passes against the bookkeeping
+        ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+        shown = [kv for i, kv in enumerate(ranked) if i < args.top or categorise(kv[0]) == "decoding"]
+        for name, (calls, ms) in shown:
+            print(f"     {ms:8.3f} ms {calls:6d} calls {1e3 * ms / calls:8.1f} us  [{categorise(name)}] {name[:90]}")
             rows.append({**info, "model": f"transformer-{args.model}", "impl": impl, "method": args.method,
                          "batch": args.batch, "src_len": args.src_len, "new_tokens": NEW, "wall_ms": round(wall, 3),
                          "gpu_busy_ms": round(gpu, 3), "kernels": n, "category": c, "category_ms": round(ms, 3),
