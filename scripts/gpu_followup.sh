@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks the last CPU-side changes wait for, in one device call (~5 min): the head split/merge kernels
+# (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the rough top-k tests, and
+# the engine profile with the search split by kernel. Logs and CSVs under $OUT.
+#   bash scripts/gpu_followup.sh
+set -u
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/lsquant_gpu_out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+{ python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m lsquant build -q; } > "$OUT/setup.log" 2>&1 \
+  || { tail -30 "$OUT/setup.log"; exit 1; }
+run() {  # name, limit (s), command...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: rc=$? $(tail -1 "$OUT/$name.log")"
+}
+run heads_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_heads.py
+run tuner_memory_test 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py \
+  -k "tuning_leaves_no_memory or tune_and_cache_round_trip"
+run rough_topk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_rough_topk.py
+run diag_leak 120 python3 scripts/diag_leak.py
+grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"
+run layers_heads_bench 180 python3 bench/bench_layers.py --only kernels --kernels split_heads+bias merge_heads \
+  --out "$OUT/layers_heads.csv"
+grep -v "^\[" "$OUT/layers_heads_bench.log" | tail -12
+run engine_profile 150 python3 bench/profile_engine.py --out "$OUT/engine_profile.csv"
+tail -45 "$OUT/engine_profile.log"
