@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks the last CPU-side changes wait for, in one device call (~5 min): the head split/merge kernels
-# (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the rough top-k tests, and
-# the engine profile with the search split by kernel. Logs and CSVs under $OUT.
+# (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the int8 rounding now shared
+# by the GEMM epilogue and the decode attention (their cuda tests), the rough top-k tests, and the engine profile
+# with the search split by kernel. Logs and CSVs under $OUT.
 #   bash scripts/gpu_followup.sh
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
@@ -14,8 +15,9 @@ run() {  # name, limit (s), command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: rc=$? $(tail -1 "$OUT/$name.log")"
 }
 run heads_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_heads.py
-run tuner_memory_test 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py \
-  -k "tuning_leaves_no_memory or tune_and_cache_round_trip"
+run gemm_tests 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py \
+  -k "tuning_leaves_no_memory or tune_and_cache_round_trip or triton_epilogues or triton_variants_exact"
+run attention_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_attention.py
 run rough_topk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_rough_topk.py
 run diag_leak 120 python3 scripts/diag_leak.py
 grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"

@@ -107,13 +107,10 @@ def _build(interpret: bool):
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def _quant(v, inv):
-        # lsquant.quant.ref.quantize_ref: clamp(round_half_even(v * inv), -127, 127); adding and removing
-        # 1.5 * 2^23 leaves no fraction bits in fp32, so the hardware's round-to-nearest-even rounds
-        t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
-        q = (t + 12582912.0) - 12582912.0
-        return tl.minimum(tl.maximum(q, -127.0), 127.0)
+    from . import gemm_triton
+
+    gemm_triton._build(interpret)   # binds its jit helpers, built for the same mode
+    _quant = gemm_triton._quant     # quantize_ref's rounding in fp32, as the GEMM epilogue does it
 
     @triton.jit
     def decode_attention_kernel(q_ptr, stride_q, new_ptr, stride_new, cache_ptr, s_kv, s_row, s_head, s_pos,

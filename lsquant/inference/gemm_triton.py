@@ -258,9 +258,18 @@ def _build(interpret: bool) -> dict:
     # Kernels resolve the names they use in this module's globals (the interpreter does not see closures),
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
-    global triton, tl, _epilogue, _tile_coords, _store_part
+    global triton, tl, _quant, _epilogue, _tile_coords, _store_part
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _quant(v, inv):
+        # lsquant.quant.ref.quantize_ref in fp32: clamp(round_half_even(v * inv), -127, 127). Adding and removing
+        # 1.5 * 2^23 leaves no fraction bits in fp32, so the hardware's round-to-nearest-even does the rounding
+        # (exact for |t| <= 2^22, which the clamp to +-128 guarantees). Shared by the decode attention kernel.
+        t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
+        q = (t + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(q, -127.0), 127.0)
 
     @triton.jit
     def _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
@@ -283,13 +292,7 @@ def _build(interpret: bool) -> dict:
             elif ACT == 2:
                 v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
             if OUT_KIND == 1:
-                inv = tl.load(inv_ptr)
-                t = tl.minimum(tl.maximum(v * inv, -128.0), 128.0)
-                # round half to even: adding and removing 1.5 * 2^23 leaves no fraction bits in fp32, so the
-                # hardware's round-to-nearest-even does the rounding (exact for |t| <= 2^22)
-                q = (t + 12582912.0) - 12582912.0
-                q = tl.minimum(tl.maximum(q, -127.0), 127.0)
-                out = q.to(tl.int8)
+                out = _quant(v, tl.load(inv_ptr)).to(tl.int8)
             else:
                 out = v.to(OUT_TY)
                 if HAS_RES:
