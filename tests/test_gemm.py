@@ -887,9 +887,9 @@ def test_residual_errors_triton_launcher():
     ones = torch.ones(8)
     with pytest.raises(ValueError, match="float outputs only"):
         GT.int8_linear_triton(x, w, ones, None, 0, torch.int8, torch.ones(1), cfg, torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"residual must be torch.float16 \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"residual is torch.float32, expected torch.float16"):
         GT.int8_linear_triton(x, w, ones, None, 0, torch.float16, None, cfg, torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"residual must be torch.float32 \(4, 8\)"):
+    with pytest.raises(ValueError, match=r"residual has shape \(8, 4\), expected \(4, 8\)"):
         GT.int8_linear_triton(x, w, ones, None, 0, torch.float32, None, cfg, torch.zeros(8, 4))
 
 

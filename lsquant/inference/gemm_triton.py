@@ -611,12 +611,9 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     N = w.shape[0]
     kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
     if residual is not None:
-        if kind != 2:
-            raise ValueError(f"a residual is added to float outputs only (fp16/bf16/fp32), not to {out_dtype}")
-        if tuple(residual.shape) != (M, N) or residual.dtype != out_dtype:
-            raise ValueError(f"residual must be {out_dtype} {(M, N)}, got {residual.dtype} {tuple(residual.shape)}")
-        if residual.device != x2.device:
-            raise ValueError(f"residual is on {residual.device}, the operands on {x2.device}")
+        from .gemm import _check_residual
+
+        _check_residual(residual, out_dtype, (M, N), x2.device)
         if residual.stride(-1) != 1:
             residual = residual.contiguous()
     out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
