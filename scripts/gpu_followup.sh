@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks the last CPU-side changes wait for, in one device call (~5 min): the head split/merge kernels
 # (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the int8 rounding now shared
-# by the GEMM epilogue and the decode attention (their cuda tests), the rough top-k tests, and the engine profile
-# with the search split by kernel. Logs and CSVs under $OUT.
+# by the GEMM epilogue and the decode attention (their cuda tests), the rough top-k with rows split into slices
+# (its tests, its benchmark against one program per row and PyTorch), and the engine profile with the search
+# split by kernel. Logs and CSVs under $OUT.
 #   bash scripts/gpu_followup.sh
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
@@ -24,5 +25,12 @@ grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"
 run layers_heads_bench 180 python3 bench/bench_layers.py --only kernels --kernels split_heads+bias merge_heads \
   --out "$OUT/layers_heads.csv"
 grep -v "^\[" "$OUT/layers_heads_bench.log" | tail -12
+run search_bench 90 python3 bench/bench_search.py --out "$OUT/search.csv"
+tail -13 "$OUT/search_bench.log"
+for P in auto 1; do   # the engines end to end, rows split (auto) and one program per row, same machine
+  LSQUANT_ROUGH_SLICES=$([ $P = auto ] || echo $P) run engine_bench_slices_$P 150 python3 bench/bench_engine.py \
+    --models base --batches 1 8 32 --src-lens 16 --graph on --impls lsquant_int8 lsquant_fp16 --out "$OUT/engine_$P.csv"
+  grep -v "^\[" "$OUT/engine_bench_slices_$P.log" | tail -13
+done
 run engine_profile 150 python3 bench/profile_engine.py --out "$OUT/engine_profile.csv"
 tail -45 "$OUT/engine_profile.log"

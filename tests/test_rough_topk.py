@@ -117,6 +117,40 @@ def test_kernels_equal_the_reference_in_the_interpreter(interp, kind, dtype, V, 
         assert not fin[-1].any()
 
 
+# V = 2500 spans three 1,024-logit tiles: 2 slices of 2,048 (the second partly empty), 4 slices of 1,024 (the
+# last one empty); the banned id V - 1 and the ties sit in later slices too
+SLICE_CASES = [("random", torch.float32, 2, (2, 4)), ("random", torch.float16, 4, (4,)),
+               ("banned_early", torch.float32, 4, (1, 2)), ("ties", torch.float32, 2, (4,)),
+               ("ties", torch.bfloat16, 4, (2,)), ("last", torch.float16, 4, (2,)), ("dead", torch.float32, 2, (4,))]
+
+
+@pytest.mark.parametrize("kind,dtype,P,K", [(k, d, P, K) for k, d, P, Ks in SLICE_CASES for K in Ks])
+def test_slices_equal_one_program_per_row_in_the_interpreter(interp, kind, dtype, P, K):
+    """Rows shared by P programs: the reference's ranking, the count of qualifying values (the threshold is the
+    whole row's in every slice), and the values of one program per row to the fp32 sum's reordering."""
+    B, V = 2, 2500
+    logits, scores, t, limits, banned = _case(kind, dtype, B, K, V, "cpu")
+    val, tok, count = rough_topk.row_candidates(logits, scores, t, limits, EOS, banned, K, num_slices=P)
+    _, CAP = rough_topk.sizes(K)
+    assert val.shape == tok.shape == (B * K, P * CAP)
+    got = rough_topk.rank(val, tok, K, V)
+    _check(logits, scores, t, limits, banned, K, got)
+    val1, tok1, count1 = rough_topk.row_candidates(logits, scores, t, limits, EOS, banned, K, num_slices=1)
+    assert torch.equal(count, count1)
+    one = rough_topk.rank(val1, tok1, K, V)
+    if kind != "ties":   # among tied values the two may keep different ids
+        assert torch.equal(got[1], one[1])
+    torch.testing.assert_close(got[0], one[0], rtol=0, atol=4e-6)
+
+
+def test_slices_follow_the_rows():
+    assert rough_topk.slices(32, 32000, num_sms=132) == 8      # 8 x 4,096 logits, 256 programs
+    assert rough_topk.slices(4, 32000, num_sms=132) == 16      # at most MAX_SLICES
+    assert rough_topk.slices(512, 32000, num_sms=132) == 1     # enough rows
+    assert rough_topk.slices(4, 1000, num_sms=132) == 1        # never a slice under one tile
+    assert rough_topk.slices(4, 2500, num_sms=132) == 2
+
+
 def test_arguments_are_checked(interp):
     logits, scores, t, limits, banned = _case("random", torch.float32, 2, 3, 50, "cpu")
     with pytest.raises(ValueError, match="do not match"):
@@ -176,7 +210,7 @@ def test_beam_search_with_the_kernels_equals_the_pytorch_path_in_the_interpreter
 
 
 def test_kernels_compile_for_sm90():
-    """The compiled path (not the interpreter) lowers both kernels for an H100: PTX and ptxas, no GPU needed. In a
+    """The compiled path (not the interpreter) lowers the three kernels for an H100: PTX and ptxas, no GPU needed. In a
     fresh process: Triton 3.6's interpreter leaves triton.language.core patched after a kernel calls a jit
     function (tl.max, tl.cumsum), so a kernel compiled later in a process that ran interpreter tests fails."""
     pytest.importorskip("triton")
@@ -185,17 +219,21 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lsquant.inference import rough_topk
-threshold, candidates = rough_topk._build(False)
+threshold, candidates, finish = rough_topk._build(False)
 ints = {n: "i32" for n in ("stride", "V", "eos", "b0", "b1", "b2", "b3")}
-for K, dt in ((1, "fp32"), (5, "bf16")):
+for K, dt, P in ((1, "fp32", 1), (5, "bf16", 8)):
     C, CAP = rough_topk.sizes(K)
-    sig1 = dict(x_ptr="*" + dt, t_ptr="*i64", lim_ptr="*i64", max_ptr="*fp32", thr_ptr="*fp32", **ints,
-                K2="constexpr", C="constexpr", R="constexpr")
-    sig2 = dict(x_ptr="*" + dt, scores_ptr="*fp32", t_ptr="*i64", lim_ptr="*i64", max_ptr="*fp32",
-                thr_ptr="*fp32", val_ptr="*fp32", tok_ptr="*i32", cnt_ptr="*i32", **ints, K2="constexpr",
-                CAP="constexpr", BLOCK="constexpr")
-    for fn, sig, const in ((threshold, sig1, dict(K2=2 * K, C=C, R=max(1, 1024 // C))),
-                           (candidates, sig2, dict(K2=2 * K, CAP=CAP, BLOCK=1024))):
+    sig1 = dict(x_ptr="*" + dt, t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", pcm_ptr="*fp32", S="i32",
+                **ints, P="constexpr", C="constexpr", R="constexpr")
+    sig2 = dict(x_ptr="*" + dt, t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", pcm_ptr="*fp32",
+                psum_ptr="*fp32", key_ptr="*fp32", tok_ptr="*i32", cnt_ptr="*i32", S="i32", **ints,
+                K2="constexpr", P="constexpr", C="constexpr", CAP="constexpr", BLOCK="constexpr")
+    sig3 = dict(x_ptr="*" + dt, scores_ptr="*fp32", t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32",
+                psum_ptr="*fp32", val_ptr="*fp32", tok_ptr="*i32", cnt_ptr="*i32", count_ptr="*i32", **ints,
+                K2="constexpr", P="constexpr", CAP="constexpr", BLOCK="constexpr")
+    for fn, sig, const in ((threshold, sig1, dict(P=P, C=C, R=max(1, 1024 // C))),
+                           (candidates, sig2, dict(K2=2 * K, P=P, C=C, CAP=CAP, BLOCK=1024)),
+                           (finish, sig3, dict(K2=2 * K, P=P, CAP=CAP, BLOCK=1024))):
         k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=4))
         assert k.asm["cubin"], (K, dt)

@@ -3,28 +3,33 @@
 Plain beam search ranks, per sentence, the 2K best of score[beam] + log_softmax(logits[beam])[token] over
 K x V (beam, token) pairs. The PyTorch path (``log_probs`` + ``cand.topk``) materialises that as fp32 [N, V]
 tensors: at N = 512 rows (batch 128 x 4 beams), V = 32000 each one is 65.5 MB, and the step writes or reads
-about seven of them (cast, log-softmax, masks, the add, topk): ~0.5 GB a step. Here two kernels read the
-logits twice and write a few bytes per row:
+about seven of them (cast, log-softmax, masks, the add, topk): ~0.5 GB a step. Here three kernels read the
+logits twice and write a few bytes per row. Passes 1 and 2 run P programs per row, each over a slice of
+S = ceil(V / P) logits (rounded up to whole 1,024-logit tiles; P from :func:`slices`): with few rows (decoding at
+batch <= 32) one program per row would leave most SMs idle while it walks 32,000 logits in 32 dependent steps.
 
-- pass 1 (``_threshold``, one program per row): the row's max over all logits, and a threshold T: the row
-  is split into C chunks (column % C; strided, so the low ids where frequent BPE tokens sit land in different
-  chunks), and T = the 2K-th largest of the chunk maxima of the *masked* logits (banned ids, </s> before
-  min_len, only </s> at max_len - 1). At least 2K masked values are >= T (one per chunk whose max is), so the
-  row's top 2K all are. Simulated over 32000 ids (Gaussian logits, half of the draws biased toward low ids),
-  with C = 64 chunks at K = 4 on average 8.4 values qualify, at most 11 in 300 draws (C = 128 at K = 8: 16.8,
-  at most 21); CAP = 32 and 64 slots leave room for ~3x that.
-- pass 2 (``_candidates``, one program per row): sum exp(x - max) over all logits (here, not in pass 1: with
-  the final max, the formula of PyTorch's log-softmax, one exp per logit and no rescaling), collect the masked
-  values >= T with their token ids into CAP slots (CAP = 4 x next_pow2(2K), at least 16), then write
-  score + ((x - max) - log(sum)) per slot, the operations of F.log_softmax and the add of the update in the
-  same fp32 order; unused slots -inf. If more than CAP values qualify (ties, flat rows), the program
-  recomputes the row's exact top 2K by 2K argmax-below sweeps (never a silently wrong result).
-- torch: topk(2K) over each sentence's K x CAP slots -> (top_s, top_i = beam * V + token).
+- pass 1 (``_threshold``, program (row, slice)): the slice's max, and its maxima of C chunks of the *masked*
+  logits (chunk = column % C, strided, so the low ids where frequent BPE tokens sit land in different chunks;
+  masks: banned ids, </s> before min_len, only </s> at max_len - 1).
+- pass 2 (``_candidates``, program (row, slice)): the row's max M (the max of the slices') and threshold T (the
+  2K-th largest chunk max over the whole row: at least 2K masked values are >= T, one per chunk whose max is,
+  so the row's top 2K all are; every program of the row computes the same M and T from the same inputs); then
+  over its slice the sum of exp(x - M) (with the final max: the formula of PyTorch's log-softmax, one exp per
+  logit, no rescaling) and the masked values >= T with their token ids, into the slice's CAP slots (CAP =
+  4 x next_pow2(2K), at least 16). Simulated over 32000 ids (Gaussian logits, half of the draws biased toward
+  low ids), with C = 64 chunks at K = 4 on average 8.4 values of a row qualify, at most 11 in 300 draws (C = 128
+  at K = 8: 16.8, at most 21): a slice's CAP = 32 or 64 slots hold a whole row's with room to spare.
+- ``_finish`` (one program per row): log(sum) over the slices' sums, then score + ((x - M) - log(sum)) per
+  collected slot, in place: the operations of F.log_softmax and the add of the update in the same fp32 order;
+  unused slots -inf. If a slice had more than CAP values at T (ties, flat rows), the program recomputes the
+  row's exact top 2K by 2K argmax-below sweeps (never a silently wrong result).
+- torch: topk(2K) over each sentence's K x P x CAP slots -> (top_s, top_i = beam * V + token).
 
-Bytes at N = 512, V = 32000, K = 4, fp16 logits: 2 x 32.8 MB read (the second read mostly from L2: 50 MB on
-an H100) and N x (12 + CAP x 8) = 137 KB written (CAP = 32), against ~0.5 GB.
+Bytes at N = 512, V = 32000, K = 4 (P = 1), fp16 logits: 2 x 32.8 MB read (the second read mostly from L2: 50
+MB on an H100) and N x (12 + CAP x 8) = 137 KB written (CAP = 32), against ~0.5 GB.
 
-Numerics: the max is exact; the sum of exponentials is reduced in another order than PyTorch's (and on the
+Numerics: the max is exact; the sum of exponentials is reduced in another order than PyTorch's (per lane, per
+slice, then over the slices) (and on the
 GPU Triton's exp is ex2.approx, ~2 ulp), so log(sum) and the values agree with the PyTorch path to a few fp32
 ulps (~1e-6 at values ~10), not bit for bit (PyTorch's CUDA and CPU log-softmax differ by as much). The
 selection itself is exact: the kept values are the 2K largest of the values this path computes.
@@ -92,69 +97,100 @@ def _build(interpret: bool):
         return tl.where(col == eos, eos_key, key)
 
     @triton.jit
-    def _threshold(x_ptr, stride, t_ptr, lim_ptr, max_ptr, thr_ptr, V, eos, b0, b1, b2, b3,
-                   K2: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+    def _threshold(x_ptr, stride, t_ptr, lim_ptr, pmax_ptr, pcm_ptr, V, S, eos, b0, b1, b2, b3,
+                   P: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+        # program (row, p): columns [p S, min(V, (p + 1) S)) of the row; S is a multiple of R x C, so a column's
+        # chunk (column % C) is its lane c in every tile
         row = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
         t = tl.load(t_ptr)
         last = t == tl.load(lim_ptr + 1) - 1
         early = t < tl.load(lim_ptr) - 1
         r = tl.arange(0, R)
         c = tl.arange(0, C)
+        end = tl.minimum(V, (p + 1) * S)
         mx = tl.full([R, C], float("-inf"), tl.float32)    # max of the raw logits (the log-softmax's)
         acc = tl.full([R, C], float("-inf"), tl.float32)   # max of the masked keys, chunk = column % C
-        for start in range(0, V, R * C):
+        for start in range(p * S, end, R * C):
             col = start + r[:, None] * C + c[None, :]
-            m = col < V
+            m = col < end
             x = tl.load(x_ptr + row * stride + col, mask=m, other=float("-inf")).to(tl.float32)
             mx = tl.maximum(mx, x)
             acc = tl.maximum(acc, tl.where(m, _masked(x, col, eos, last, early, b0, b1, b2, b3), float("-inf")))
-        cm = tl.max(acc, axis=0)                           # [C] chunk maxima
+        tl.store(pcm_ptr + (row * P + p) * C + c, tl.max(acc, axis=0))   # this slice's chunk maxima
+        tl.store(pmax_ptr + row * P + p, tl.max(tl.max(mx, axis=1), axis=0))
+
+    @triton.jit
+    def _candidates(x_ptr, stride, t_ptr, lim_ptr, pmax_ptr, pcm_ptr, psum_ptr, key_ptr, tok_ptr, cnt_ptr, V, S,
+                    eos, b0, b1, b2, b3, K2: tl.constexpr, P: tl.constexpr, C: tl.constexpr, CAP: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        # program (row, p): the row's max and threshold from every slice's pass-1 results (each program of the
+        # row computes the same two numbers from the same inputs), then its own slice: the sum of exp(x - max)
+        # and the masked values >= threshold, into the slice's CAP slots
+        row = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1)
+        t = tl.load(t_ptr)
+        last = t == tl.load(lim_ptr + 1) - 1
+        early = t < tl.load(lim_ptr) - 1
+        ps = tl.arange(0, P)
+        c = tl.arange(0, C)
+        M = tl.max(tl.load(pmax_ptr + row * P + ps), axis=0)
+        cm = tl.max(tl.load(pcm_ptr + (row * P + ps[:, None]) * C + c[None, :]), axis=0)   # [C] chunk maxima
         for _ in range(K2 - 1):                            # drop the largest 2K - 1 (one at a time: ties)
             top = tl.max(cm, axis=0)
             first = tl.min(tl.where(cm == top, c, C), axis=0)
             cm = tl.where(c == first, float("-inf"), cm)
-        tl.store(thr_ptr + row, tl.max(cm, axis=0))        # the 2K-th largest chunk max
-        tl.store(max_ptr + row, tl.max(tl.max(mx, axis=1), axis=0))
-
-    @triton.jit
-    def _candidates(x_ptr, stride, scores_ptr, t_ptr, lim_ptr, max_ptr, thr_ptr, val_ptr, tok_ptr, cnt_ptr,
-                    V, eos, b0, b1, b2, b3, K2: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        t = tl.load(t_ptr)
-        last = t == tl.load(lim_ptr + 1) - 1
-        early = t < tl.load(lim_ptr) - 1
-        M = tl.load(max_ptr + row)
-        T = tl.load(thr_ptr + row)
-        score = tl.load(scores_ptr + row)
+        T = tl.max(cm, axis=0)                             # the 2K-th largest chunk max
         xrow = x_ptr + row * stride
-        vrow = val_ptr + row * CAP
-        trow = tok_ptr + row * CAP
+        base = (row * P + p) * CAP
+        end = tl.minimum(V, (p + 1) * S)
         i = tl.arange(0, BLOCK)
         s = tl.zeros([BLOCK], tl.float32)                  # per-lane sums of exp(x - max)
         n = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)    # values >= T so far
-        for start in range(0, V, BLOCK):
+        for start in range(p * S, end, BLOCK):
             col = start + i
-            m = col < V
+            m = col < end
             x = tl.load(xrow + col, mask=m, other=float("-inf")).to(tl.float32)
             s += tl.where(m, tl.exp(x - M), 0.0)
             key = _masked(x, col, eos, last, early, b0, b1, b2, b3)
             q = m & (key >= T) & (key > float("-inf"))
             pos = n + tl.cumsum(q.to(tl.int32), axis=0) - 1
             ok = q & (pos < CAP)
-            tl.store(vrow + pos, key, mask=ok)
-            tl.store(trow + pos, col, mask=ok)
+            tl.store(key_ptr + base + pos, key, mask=ok)
+            tl.store(tok_ptr + base + pos, col, mask=ok)
             n += tl.sum(q.to(tl.int32), axis=0)
-        log_sum = tl.log(tl.sum(s, axis=0))
-        tl.store(cnt_ptr + row, n)
-        tl.debug_barrier()                                 # the slots written above, read by other threads
-        slot = tl.arange(0, CAP)
-        keys = tl.load(vrow + slot, mask=slot < n, other=float("-inf"))
-        toks = tl.load(trow + slot, mask=slot < n, other=0)
-        if (n > CAP) & (score > float("-inf")):
+        tl.store(psum_ptr + row * P + p, tl.sum(s, axis=0))
+        tl.store(cnt_ptr + row * P + p, n)
+
+    @triton.jit
+    def _finish(x_ptr, stride, scores_ptr, t_ptr, lim_ptr, pmax_ptr, psum_ptr, val_ptr, tok_ptr, cnt_ptr, count_ptr,
+                V, eos, b0, b1, b2, b3, K2: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row: log(sum), the values of the collected slots (in place), or, if a slice had more
+        # than CAP values at the threshold, the row's exact top 2K
+        row = tl.program_id(0).to(tl.int64)
+        t = tl.load(t_ptr)
+        last = t == tl.load(lim_ptr + 1) - 1
+        early = t < tl.load(lim_ptr) - 1
+        ps = tl.arange(0, P)
+        M = tl.max(tl.load(pmax_ptr + row * P + ps), axis=0)
+        log_sum = tl.log(tl.sum(tl.load(psum_ptr + row * P + ps), axis=0))
+        cnt = tl.load(cnt_ptr + row * P + ps)
+        tl.store(count_ptr + row, tl.sum(cnt, axis=0))
+        score = tl.load(scores_ptr + row)
+        slot = tl.arange(0, P * CAP)
+        n_slot = tl.load(cnt_ptr + row * P + slot // CAP)  # the count of the slot's slice
+        used = (slot % CAP) < n_slot
+        vrow = val_ptr + row * (P * CAP)
+        trow = tok_ptr + row * (P * CAP)
+        keys = tl.load(vrow + slot, mask=used, other=float("-inf"))
+        toks = tl.load(trow + slot, mask=used, other=0)
+        if (tl.max(cnt, axis=0) > CAP) & (score > float("-inf")):
             # overflow: the row's exact top 2K by (key descending, column ascending), one sweep per rank, each
             # taking the best below the previous one. (A dead beam's extensions are -inf whatever is kept.)
-            keys = tl.full([CAP], float("-inf"), tl.float32)
-            toks = tl.zeros([CAP], tl.int32)
+            xrow = x_ptr + row * stride
+            i = tl.arange(0, BLOCK)
+            keys = tl.full([P * CAP], float("-inf"), tl.float32)
+            toks = tl.zeros([P * CAP], tl.int32)
             pk = float("inf")
             pi = -1
             for j in range(K2):
@@ -183,18 +219,42 @@ def _build(interpret: bool):
         tl.store(vrow + slot, val)
         tl.store(trow + slot, tl.where(keys > float("-inf"), toks, 0))
 
-    return _threshold, _candidates
+    return _threshold, _candidates, _finish
 
 
 # ------------------------------------------------------------------------------------------------------
 # Wrappers
 # ------------------------------------------------------------------------------------------------------
 
+BLOCK = 1024   # logits per iteration of pass 2 (and of pass 1's R x C tiles); a slice is a multiple of it
+MAX_SLICES = 16
+
+
+def slices(N: int, V: int, num_sms: int | None = None) -> int:
+    """P, the programs that share one row in passes 1 and 2 (a power of two): enough to give the GPU ~2 programs
+    per SM when rows are few (at 32 rows on 132 SMs, 8 slices of 4,096 logits instead of one program walking
+    32,000 in 32 dependent steps), 1 from 264 rows up, and never a slice under BLOCK logits. The environment
+    variable LSQUANT_ROUGH_SLICES=P overrides it (row_candidates checks the value)."""
+    import os
+
+    forced = os.environ.get("LSQUANT_ROUGH_SLICES")   # an override for experiments (1: one program per row)
+    if forced:
+        return int(forced)
+    if num_sms is None:
+        from .gemm_triton import num_sms as sms
+
+        num_sms = sms()
+    want = max(1, min(MAX_SLICES, (2 * num_sms) // max(N, 1), -(-V // BLOCK)))
+    return 1 << (want.bit_length() - 1)
+
+
 def row_candidates(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, limits: torch.Tensor, eos: int,
-                   banned: tuple[int, ...], beams: int):
-    """The two kernels: -> (val (N, CAP) fp32: score + log-prob of each collected token, -inf = unused;
-    tok (N, CAP) int32: its token id; count (N,) int32: how many masked values reached the row's threshold
-    (> CAP: the exact fallback ran, where the row's beam score is finite)). Shapes as in beam_topk."""
+                   banned: tuple[int, ...], beams: int, num_slices: int | None = None):
+    """The three kernels: -> (val (N, P x CAP) fp32: score + log-prob of each collected token, -inf = unused;
+    tok (N, P x CAP) int32: its token id; count (N,) int32: how many masked values reached the row's threshold).
+    P = num_slices (default :func:`slices`); each slice has CAP slots; where a slice had more than CAP values at
+    the threshold (ties, flat rows) and the row's beam score is finite, the row's slots hold its exact top 2K
+    instead. Shapes as in beam_topk."""
     if logits.dim() != 2 or logits.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"beam_topk: logits must be (N, V) fp16/bf16/fp32, got {tuple(logits.shape)} {logits.dtype}")
     N, V = logits.shape
@@ -204,22 +264,32 @@ def row_candidates(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, 
         raise ValueError(f"beam_topk takes at most {MAX_BANNED} banned ids, got {len(banned)}")
     if not 0 <= eos < V or any(not 0 <= b < V for b in banned):
         raise ValueError(f"beam_topk: eos {eos} and banned ids {banned} must be in [0, {V})")
+    P = slices(N, V) if num_slices is None else int(num_slices)
+    if P < 1 or P & (P - 1) or P > MAX_SLICES:
+        raise ValueError(f"beam_topk: num_slices must be a power of two in [1, {MAX_SLICES}], got {num_slices}")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     scores = scores.reshape(N).float().contiguous()
     b = list(banned) + [-1] * (MAX_BANNED - len(banned))   # -1 matches no column
     C, CAP = sizes(beams)
+    R = max(1, BLOCK // C)                                 # pass 1's tile: R x C logits
+    tile = max(BLOCK, R * C)
+    S = -(-(-(-V // P)) // tile) * tile                    # the slice: ceil(V / P) rounded up to whole tiles
     dev = logits.device
-    stats = torch.empty(2, N, dtype=torch.float32, device=dev)   # row max, threshold
-    val = torch.empty(N, CAP, dtype=torch.float32, device=dev)
-    tok = torch.empty(N, CAP, dtype=torch.int32, device=dev)
+    part = torch.empty(2, N, P, dtype=torch.float32, device=dev)   # per slice: row max, sum of exp(x - max)
+    pcm = torch.empty(N, P, C, dtype=torch.float32, device=dev)    # per slice: chunk maxima
+    cnt = torch.empty(N, P, dtype=torch.int32, device=dev)
+    val = torch.empty(N, P * CAP, dtype=torch.float32, device=dev)
+    tok = torch.empty(N, P * CAP, dtype=torch.int32, device=dev)
     count = torch.empty(N, dtype=torch.int32, device=dev)
-    threshold, candidates = _build(_interpret())
-    # pass 1 reads R x C = 1024 logits per iteration (2 KB of fp16 per program and step)
-    threshold[(N,)](logits, logits.stride(0), t, limits, stats[0], stats[1], V, eos, *b, K2=2 * beams, C=C,
-                    R=max(1, 1024 // C), num_warps=4)
-    candidates[(N,)](logits, logits.stride(0), scores, t, limits, stats[0], stats[1], val, tok, count, V, eos, *b,
-                     K2=2 * beams, CAP=CAP, BLOCK=1024, num_warps=4)
+    threshold, candidates, finish = _build(_interpret())
+    # pass 1 reads R x C = BLOCK logits per iteration (2 KB of fp16 per program and step)
+    threshold[(N, P)](logits, logits.stride(0), t, limits, part[0], pcm, V, S, eos, *b, P=P, C=C, R=R,
+                      num_warps=4)
+    candidates[(N, P)](logits, logits.stride(0), t, limits, part[0], pcm, part[1], val, tok, cnt, V, S, eos, *b,
+                       K2=2 * beams, P=P, C=C, CAP=CAP, BLOCK=BLOCK, num_warps=4)
+    finish[(N,)](logits, logits.stride(0), scores, t, limits, part[0], part[1], val, tok, cnt, count, V, eos, *b,
+                 K2=2 * beams, P=P, CAP=CAP, BLOCK=BLOCK, num_warps=4)
     return val, tok, count
 
 
@@ -233,10 +303,11 @@ def beam_topk(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, limit
 
 
 def rank(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """row_candidates' slots (N, CAP) -> (top_s (B, k) fp32, top_i (B, k) int64 = beam * V + token), k =
-    min(2 * beams, beams * V): a topk over each sentence's beams x CAP slots (K = 4: 128 values, not 128000)."""
-    N, CAP = val.shape
+    """row_candidates' slots (N, W) -> (top_s (B, k) fp32, top_i (B, k) int64 = beam * V + token), k =
+    min(2 * beams, beams * V): a topk over each sentence's beams x W slots (K = 4, one slice: 128 values, not
+    128,000; 8 slices: 1,024)."""
+    N, W = val.shape
     B, K = N // beams, beams
-    top_s, j = val.view(B, K * CAP).topk(min(2 * K, K * V), dim=1)
-    top_i = (j // CAP) * V + tok.view(B, K * CAP).gather(1, j).long()
+    top_s, j = val.view(B, K * W).topk(min(2 * K, K * V), dim=1)
+    top_i = (j // W) * V + tok.view(B, K * W).gather(1, j).long()
     return top_s, top_i

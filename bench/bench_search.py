@@ -1,0 +1,62 @@
+"""Beam search's ranking step alone: LightSeq's rough top-k (lsquant.inference.rough_topk) with one program per row
+and with the row split into slices, against PyTorch's log-softmax + topk (beam_topk_ref), side by side.
+
+    python bench/bench_search.py [--out bench/results/search_<gpu>.csv]
+
+Rows N = batch x 4 beams for batch 1, 8, 32, 128; vocabulary 32000; fp16 logits ~ N(0, 3^2) (four input sets
+rotated so that the 64 KB-per-row logits do not all sit in L2 between calls); median of CUDA-event timings after
+warm-up (bench/common.time_cuda). The rough top-k includes its ranking topk over the slots (beam_topk).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_info, gpu_slug, time_cuda, warm_gpu, write_rows  # noqa: E402
+
+from lsquant.inference import rough_topk  # noqa: E402
+
+EOS, V, K = 2, 32000, 4
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_search.py needs a CUDA GPU")
+    out = args.out or f"bench/results/search_{gpu_slug()}.csv"
+    info = env_info()
+    warm_gpu()
+    rows = []
+    for B in args.batches:
+        N = B * K
+        g = torch.Generator(device="cuda").manual_seed(B)
+        sets = [(torch.randn(N, V, device="cuda", generator=g).mul_(3).half(),
+                 torch.randn(B, K, device="cuda", generator=g) * 2 - 5) for _ in range(4)]
+        t = torch.tensor([3], device="cuda")
+        limits = torch.tensor([0, 64], device="cuda")
+        auto = rough_topk.slices(N, V)
+        impls = {"pytorch": lambda x, s: rough_topk.beam_topk_ref(x, s, t, limits, EOS, (0, 1), K),
+                 "rough_1_slice": lambda x, s: rough_topk.rank(*rough_topk.row_candidates(
+                     x, s, t, limits, EOS, (0, 1), K, num_slices=1)[:2], K, V),
+                 f"rough_{auto}_slices": lambda x, s: rough_topk.beam_topk(x, s, t, limits, EOS, (0, 1), K)}
+        base = None
+        for name, fn in impls.items():
+            ms = time_cuda(fn, sets)
+            base = base or ms
+            rows.append({**info, "rows": N, "batch": B, "beams": K, "vocab": V, "impl": name,
+                         "slices": 1 if name == "rough_1_slice" else (auto if name.startswith("rough") else 0),
+                         "us": round(ms * 1e3, 2), "speedup_vs_pytorch": round(base / ms, 3)})
+            print(f"B={B:<4d} N={N:<4d} {name:16s} {ms * 1e3:9.2f} us  {base / ms:5.2f}x PyTorch", flush=True)
+    write_rows(out, rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
