@@ -26,7 +26,7 @@ import lsquant
 from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 from lsquant.models import Transformer
 from lsquant.recipes.mt.batching import collate, length_sorted_batches
-from lsquant.recipes.mt.pipeline import RecipeConfig, export, load_pairs, qat, tokenizer, train
+from lsquant.recipes.mt.pipeline import RecipeConfig, export, load_pairs, qat, tf32_matmuls, tokenizer, train
 
 
 def decode_model(model, batches, dev):
@@ -112,6 +112,9 @@ def main():
                     help="TransformerConfig overrides, JSON (default: the recipe's)")
     ap.add_argument("--cpu-limit", type=int, default=300, help="sentences for the CPU engine (it is slow)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tf32", choices=["off", "on", "both"], default="both",
+                    help="PyTorch's TF32 switches during the decodings (the first measurement ran with them on, left "
+                         "on by the recipe's training in the same process)")
     a = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = RecipeConfig(run_dir=a.run_dir, data=a.data, seed=1, max_train_minutes=a.minutes, max_steps=20000,
@@ -155,63 +158,74 @@ def main():
             m.apply(lsquant.enable_quant)
         return m
 
-    outs, times = {}, {}
-    for quant, mpath, epath, Eng in ((True, q, q8, QuantTransformer), (False, fp, f16, FloatEngine)):
-        tag = "q" if quant else "f"
-        m = model(mpath, quant)
-        for name, fn in ((f"model_cuda_{tag}", lambda: decode_model(m, batches, a.gpu)),
-                         (f"model_cpu_{tag}", lambda: decode_model(m, batches, "cpu")),
-                         (f"engine_cuda32_{tag}", lambda: decode_engine(
-                             Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu, dtype=torch.float32),
-                             batches)),
-                         (f"engine_cuda16_{tag}", lambda: decode_engine(
-                             Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu), batches)),
-                         (f"engine_cpu_{tag}", lambda: decode_engine(
-                             Eng(epath, max_batch_size=cfg.infer_batch_size, device="cpu", dtype=torch.float32),
-                             cpu_batches))):
-            t1 = time.time()
-            outs[name] = fn()
-            times[name] = round(time.time() - t1, 1)
-            print(f"{name}: {len(outs[name])} sentences in {times[name]} s", flush=True)
+    def analyse(tf32: bool) -> dict:
+        """The decodings and their comparisons with PyTorch's TF32 switches set to tf32 (a run that trained in
+        this process had them on: the recipe's fp32 training uses TF32)."""
+        outs, times = {}, {}
+        for quant, mpath, epath, Eng in ((True, q, q8, QuantTransformer), (False, fp, f16, FloatEngine)):
+            tag = "q" if quant else "f"
+            m = model(mpath, quant)
+            for name, fn in ((f"model_cuda_{tag}", lambda: decode_model(m, batches, a.gpu)),
+                             (f"model_cpu_{tag}", lambda: decode_model(m, batches, "cpu")),
+                             (f"engine_cuda32_{tag}", lambda: decode_engine(
+                                 Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu, dtype=torch.float32),
+                                 batches)),
+                             (f"engine_cuda16_{tag}", lambda: decode_engine(
+                                 Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu), batches)),
+                             (f"engine_cpu_{tag}", lambda: decode_engine(
+                                 Eng(epath, max_batch_size=cfg.infer_batch_size, device="cpu", dtype=torch.float32),
+                                 cpu_batches))):
+                t1 = time.time()
+                outs[name] = fn()
+                times[name] = round(time.time() - t1, 1)
+                print(f"{name}: {len(outs[name])} sentences in {times[name]} s", flush=True)
 
-    report = {"split": a.split, "sentences": len(perm), "cpu_engine_sentences": cpu_n, "seconds": times,
-              "agreement": {}}
-    names = list(outs)
-    for i, x in enumerate(names):
-        for y in names[i + 1:]:
-            if x[-1] != y[-1]:
-                continue
-            s, n = agree(outs[x], outs[y], mcfg.eos_id)
-            report["agreement"][f"{x} = {y}"] = f"{s}/{n} ({100 * s / n:.1f}%)"
-            print(f"{x:>18s} = {y:<18s} {s:4d}/{n:<4d} {100 * s / n:5.1f}%", flush=True)
+        report = {"split": a.split, "sentences": len(perm), "cpu_engine_sentences": cpu_n, "seconds": times,
+                  "agreement": {}}
+        names = list(outs)
+        for i, x in enumerate(names):
+            for y in names[i + 1:]:
+                if x[-1] != y[-1]:
+                    continue
+                s, n = agree(outs[x], outs[y], mcfg.eos_id)
+                report["agreement"][f"{x} = {y}"] = f"{s}/{n} ({100 * s / n:.1f}%)"
+                print(f"{x:>18s} = {y:<18s} {s:4d}/{n:<4d} {100 * s / n:5.1f}%", flush=True)
 
-    flat_src = [row for ids in batches for row in ids]  # each source as padded in its batch
-    mq = model(q, True)
-    for dev in ("cuda", "cpu"):
-        tf = teacher_forced_same(mq, cpu_batches, outs[f"model_{dev}_q"][:cpu_n], mcfg, a.gpu if dev == "cuda" else dev)
-        report[f"teacher-forced argmax reproduces model_{dev}_q"] = round(tf, 4)
-        print(f"teacher-forced argmax reproduces model_{dev}_q greedy: {100 * tf:.1f}% of {cpu_n}", flush=True)
-    for ref, other in (("model_cuda_q", "engine_cuda32_q"), ("model_cuda_q", "model_cpu_q"),
-                       ("model_cuda_f", "engine_cuda32_f")):
-        dev = a.gpu if "cuda" in ref else "cpu"
-        ms = margins(model(q if ref.endswith("q") else fp, ref.endswith("q")), flat_src, outs[ref], outs[other],
-                     mcfg, dev)
-        vals = sorted(abs(m) for _, m, _ in ms if m == m)
-        q_ = lambda f: round(vals[min(len(vals) - 1, int(f * len(vals)))], 4) if vals else None  # noqa: E731
-        lens = [len(strip(o, mcfg.eos_id)) for o in outs[ref]]
-        dl = [len(strip(outs[ref][k], mcfg.eos_id)) for k, (a_, b_) in enumerate(zip(outs[ref], outs[other]))
-              if strip(a_, mcfg.eos_id) != strip(b_, mcfg.eos_id)]
-        summ = {"differ": len(ms), "margin |logit| quantiles 10/50/90/max": [q_(0.1), q_(0.5), q_(0.9), q_(1.0)],
-                "first difference at position (median)": sorted(t for t, _, _ in ms)[len(ms) // 2] if ms else None,
-                "rank of the other token (counts)": {r: sum(1 for _, _, k in ms if k == r) for r in
-                                                     sorted({k for _, _, k in ms})},
-                "output length: all / differing (mean)": [round(sum(lens) / max(len(lens), 1), 1),
-                                                          round(sum(dl) / max(len(dl), 1), 1)],
-                "first 10 (pos, margin, rank)": [(t, round(m, 5), k) for t, m, k in ms[:10]]}
-        report[f"{ref} vs {other}"] = summ
-        print(f"{ref} vs {other}: {json.dumps(summ)}", flush=True)
+        flat_src = [row for ids in batches for row in ids]  # each source as padded in its batch
+        mq = model(q, True)
+        for dev in ("cuda", "cpu"):
+            tf = teacher_forced_same(mq, cpu_batches, outs[f"model_{dev}_q"][:cpu_n], mcfg, a.gpu if dev == "cuda" else dev)
+            report[f"teacher-forced argmax reproduces model_{dev}_q"] = round(tf, 4)
+            print(f"teacher-forced argmax reproduces model_{dev}_q greedy: {100 * tf:.1f}% of {cpu_n}", flush=True)
+        for ref, other in (("model_cuda_q", "engine_cuda32_q"), ("model_cuda_q", "model_cpu_q"),
+                           ("model_cuda_f", "engine_cuda32_f")):
+            dev = a.gpu if "cuda" in ref else "cpu"
+            ms = margins(model(q if ref.endswith("q") else fp, ref.endswith("q")), flat_src, outs[ref], outs[other],
+                         mcfg, dev)
+            vals = sorted(abs(m) for _, m, _ in ms if m == m)
+            q_ = lambda f: round(vals[min(len(vals) - 1, int(f * len(vals)))], 4) if vals else None  # noqa: E731
+            lens = [len(strip(o, mcfg.eos_id)) for o in outs[ref]]
+            dl = [len(strip(outs[ref][k], mcfg.eos_id)) for k, (a_, b_) in enumerate(zip(outs[ref], outs[other]))
+                  if strip(a_, mcfg.eos_id) != strip(b_, mcfg.eos_id)]
+            summ = {"differ": len(ms), "margin |logit| quantiles 10/50/90/max": [q_(0.1), q_(0.5), q_(0.9), q_(1.0)],
+                    "first difference at position (median)": sorted(t for t, _, _ in ms)[len(ms) // 2] if ms else None,
+                    "rank of the other token (counts)": {r: sum(1 for _, _, k in ms if k == r) for r in
+                                                         sorted({k for _, _, k in ms})},
+                    "output length: all / differing (mean)": [round(sum(lens) / max(len(lens), 1), 1),
+                                                              round(sum(dl) / max(len(dl), 1), 1)],
+                    "first 10 (pos, margin, rank)": [(t, round(m, 5), k) for t, m, k in ms[:10]]}
+            report[f"{ref} vs {other}"] = summ
+            print(f"{ref} vs {other}: {json.dumps(summ)}", flush=True)
+        report["tf32"] = tf32
+        return report
+
+    reports = {}
+    for setting in {"on": (True,), "off": (False,), "both": (False, True)}[a.tf32]:
+        print(f"== TF32 {'on' if setting else 'off'} for fp32 matmuls", flush=True)
+        with tf32_matmuls(setting):
+            reports[f"tf32 {'on' if setting else 'off'}"] = analyse(setting)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "diag_agreement.json").write_text(json.dumps(report, indent=1))
+    (Path(a.out) / "diag_agreement.json").write_text(json.dumps(reports, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,20 @@ def test_every_stage_writes_its_artefacts(tmp_path):
     assert tokens.shape[:2] == (1, 1)
 
 
+def test_tf32_switches_are_restored():
+    """Training turns TF32 on for its fp32 GEMMs (CUDA); decoding after it in the same process must see the flags
+    as they were (the fp32 references of greedy_agreement were once decoded in TF32)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with pipeline.tf32_matmuls(not before[0]):
+        assert torch.backends.cuda.matmul.allow_tf32 is (not before[0])
+        assert torch.backends.cudnn.allow_tf32 is (not before[0])
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with pytest.raises(RuntimeError):
+        with pipeline.tf32_matmuls(True):
+            raise RuntimeError("an interrupted block restores them too")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     straight = _cfg(tmp_path, "straight")
     pipeline.train(straight)

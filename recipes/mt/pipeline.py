@@ -14,6 +14,7 @@ infer|eval`` commands and ``lsquant quickstart`` call these functions. Layout of
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -148,9 +149,26 @@ def _train_loop(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, l
     if model.config.dtype == "float16":
         raise ValueError("float16 training needs loss scaling, which the recipe does not do: use dtype=bfloat16 "
                          "(fp32 master weights, no scaling needed) or float32; export and serve in fp16 as usual")
-    if dev.type == "cuda":  # fp32 models train with TF32 GEMMs (10-bit mantissa products, fp32 accumulation)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # fp32 models train with TF32 GEMMs on CUDA (10-bit mantissa products, fp32 accumulation), and only while
+    # training: the fp32 references decoded later in the same process (greedy_agreement) must be fp32
+    with tf32_matmuls(True) if dev.type == "cuda" else contextlib.nullcontext():
+        return _train_steps(cfg, model, stage, steps, lr, warmup, src, tgt, dev)
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """PyTorch's TF32 switches for fp32 matmuls and convolutions set to ``enabled`` inside the block, restored
+    after it."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _train_steps(cfg: RecipeConfig, model: Transformer, stage: str, steps: int, lr: float, warmup: int, src, tgt,
+                 dev) -> Transformer:
     model.to(dev).train()
     master = MasterWeights(list(model.parameters()))
     opt = torch.optim.Adam(master.optim_params(), lr=lr, betas=(0.9, 0.98), eps=1e-8)
@@ -345,7 +363,7 @@ def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str
     model = _fp32_model(model_path, quantized).to(dev)
     kind = QuantTransformer if quantized else FloatEngine
     eng = kind(export_path, max_batch_size=cfg.infer_batch_size, device=dev, dtype=engine_dtype)
-    with torch.no_grad():
+    with torch.no_grad(), tf32_matmuls(False):   # fp32 means fp32 (TF32 rounds every product's inputs to 10 bits)
         return _same_greedy(cfg, split, ((dev, lambda ids: eng.infer(ids, method="greedy")[0][:, 0]),
                                          (dev, lambda ids: model.generate(ids, "greedy")[0][:, 0])),
                             eng.cfg.max_seq_len, eng.pad, f"agreement {Path(export_path).stem} {split}")
@@ -353,12 +371,12 @@ def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str
 
 def model_self_agreement(cfg: RecipeConfig, model_path: str | Path, split: str, quantized: bool) -> float:
     """Share of the split's sentences on which the model's greedy output on the run's GPU equals its greedy output
-    on the CPU (fp32 both): the yardstick for greedy_agreement. A fake-quant model is a step function of its
-    activations, so another summation order alone moves some of them by a whole int8 step (recipes/mt/RESULTS.md:
-    93.3% on Multi30k, where the float model gives 100%)."""
+    on the CPU (fp32 both, no TF32): the yardstick for greedy_agreement. A fake-quant model is a step function of
+    its activations: another summation order can move one next to a rounding boundary by a whole int8 step
+    (recipes/mt/RESULTS.md)."""
     dev = cfg.torch_device()
     gpu, cpu = _fp32_model(model_path, quantized).to(dev), _fp32_model(model_path, quantized)
-    with torch.no_grad():
+    with torch.no_grad(), tf32_matmuls(False):
         return _same_greedy(cfg, split, ((dev, lambda ids: gpu.generate(ids, "greedy")[0][:, 0]),
                                          ("cpu", lambda ids: cpu.generate(ids, "greedy")[0][:, 0])),
                             gpu.config.max_seq_len, gpu.config.pad_id, f"model {dev} = cpu {split}")
