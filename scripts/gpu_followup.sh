@@ -3,7 +3,8 @@
 # (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the int8 rounding now shared
 # by the GEMM epilogue and the decode attention (their cuda tests), the rough top-k with rows split into slices
 # (its tests, its benchmark against one program per row and PyTorch), and the engine profile with the search
-# split by kernel. Logs and CSVs under $OUT.
+# split by kernel; the engines' encoder attention through SDPA on one shared side stream (engine cuda tests; the
+# engine benchmark's memory column: no cuBLAS workspace for the int8 engine's stream). Logs and CSVs under $OUT.
 #   bash scripts/gpu_followup.sh
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
@@ -20,6 +21,8 @@ run gemm_tests 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_g
   -k "tuning_leaves_no_memory or tune_and_cache_round_trip or triton_epilogues or triton_variants_exact"
 run attention_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_attention.py
 run rough_topk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_rough_topk.py
+run engine_tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_engine_transformer.py \
+  tests/test_decoding.py
 run diag_leak 120 python3 scripts/diag_leak.py
 grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"
 run layers_heads_bench 180 python3 bench/bench_layers.py --only kernels --kernels split_heads+bias merge_heads \

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from lsquant import ops
 from lsquant.layers.embedding import sinusoidal_positions
+from lsquant.layers.transformer import _sdpa
 
 from lsquant.quant.ref import scale_and_inv
 
@@ -36,6 +37,22 @@ from .embed_step import embed_step
 from .gemm import Int8Linear
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
+_side_streams: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """The stream every engine of the process warms up and captures its graphs on, one per device: PyTorch keeps
+    a cuBLAS workspace (32 MiB on Hopper) for each stream that ran a cuBLAS call, for the life of the process, so
+    a stream per engine would leave one behind for every engine built. (One engine's graphs replay on the
+    caller's stream; engines are not meant to be driven from several threads at once.)"""
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    s = _side_streams.get(idx)
+    if s is None:
+        s = _side_streams[idx] = torch.cuda.Stream(idx)
+    return s
+
+
 _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
 
 
@@ -236,9 +253,18 @@ class _Engine:
         return t.view(B, L, nH, H // nH).transpose(1, 2)
 
     def _attend(self, q, k, v, mask, causal):
-        D = q.shape[-1]
-        probs = ops.masked_softmax(torch.matmul(q, k.transpose(-1, -2)), mask, causal, scale=D ** -0.5)
-        ctx = torch.matmul(probs, v)
+        """The encoder's attention: q, k, v (B, nH, L, D), mask (B, L) True = padding -> (B, L, nH * D). On CUDA
+        F.scaled_dot_product_attention, as the layers run it (lsquant.layers.transformer._sdpa): the scores are
+        never written, and no cuBLAS call runs on the engine's stream, for each of which PyTorch keeps a cuBLAS
+        workspace (32 MiB on Hopper). Elsewhere the reference ops, as the layers' CPU path."""
+        if q.is_cuda:
+            # a source of padding only would make every key masked (NaN from SDPA): it attends over its pads
+            m = None if mask is None else mask & ~mask.all(dim=-1, keepdim=True)
+            ctx = _sdpa(q, k, v, m, causal)
+        else:
+            D = q.shape[-1]
+            probs = ops.masked_softmax(torch.matmul(q, k.transpose(-1, -2)), mask, causal, scale=D ** -0.5)
+            ctx = torch.matmul(probs, v)
         B, nH, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, nH * D)
 
@@ -329,7 +355,7 @@ class _Engine:
             hit[0].replay()
             return hit[1]
         if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
+            self._stream = _side_stream(self.device)
             # one pool for every graph: a graph's temporaries never outlive its replay (all state is written
             # into buffers allocated outside the graphs), so graphs may share memory in any replay order
             self._pool = torch.cuda.graph_pool_handle()
