@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks the last CPU-side changes wait for, in one device call (~5 min): the head split/merge kernels
+# The GPU checks the last CPU-side changes wait for, in two device calls (tests, then benchmarks; ~5 min each):
+# the head split/merge kernels
 # (cuda tests, benchmark rows), the tuner's memory (cuda test, scripts/diag_leak.py), the int8 rounding now shared
 # by the GEMM epilogue and the decode attention (their cuda tests), the rough top-k with rows split into slices
 # (its tests, its benchmark against one program per row and PyTorch), and the engine profile with the search
 # split by kernel; the engines' encoder attention through SDPA on one shared side stream (engine cuda tests; the
 # engine benchmark's memory column: no cuBLAS workspace for the int8 engine's stream). Logs and CSVs under $OUT.
-#   bash scripts/gpu_followup.sh
+#   bash scripts/gpu_followup.sh tests     (cuda tests, diag_leak)
+#   bash scripts/gpu_followup.sh bench     (head kernel rows, bench_search, engines sliced / one slice, profile)
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/lsquant_gpu_out}; mkdir -p "$OUT"
@@ -16,6 +18,8 @@ run() {  # name, limit (s), command...
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "== $name: rc=$? $(tail -1 "$OUT/$name.log")"
 }
+PART=${1:-tests}
+if [ "$PART" = tests ]; then
 run heads_tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_heads.py
 run gemm_tests 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py \
   -k "tuning_leaves_no_memory or tune_and_cache_round_trip or triton_epilogues or triton_variants_exact"
@@ -25,6 +29,7 @@ run engine_tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test
   tests/test_decoding.py
 run diag_leak 120 python3 scripts/diag_leak.py
 grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"
+else
 run layers_heads_bench 180 python3 bench/bench_layers.py --only kernels --kernels split_heads+bias merge_heads \
   --out "$OUT/layers_heads.csv"
 grep -v "^\[" "$OUT/layers_heads_bench.log" | tail -12
@@ -37,3 +42,4 @@ for P in auto 1; do   # the engines end to end, rows split (auto) and one progra
 done
 run engine_profile 150 python3 bench/profile_engine.py --out "$OUT/engine_profile.csv"
 tail -45 "$OUT/engine_profile.log"
+fi
