@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_info, gpu_slug, time_cuda, warm_gpu, write_rows  # noqa: E402
+from common import start_gpu_bench, time_cuda, write_rows  # noqa: E402
 
 from lsquant.inference import rough_topk  # noqa: E402
 
@@ -28,11 +28,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_search.py needs a CUDA GPU")
-    out = args.out or f"bench/results/search_{gpu_slug()}.csv"
-    info = env_info()
-    warm_gpu()
+    out, info = start_gpu_bench("bench_search.py", "search", args.out)
     rows = []
     for B in args.batches:
         N = B * K

@@ -56,6 +56,17 @@ def gpu_slug() -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
 
 
+def start_gpu_bench(script: str, csv_prefix: str, out: str | None) -> tuple[str, dict]:
+    """What a GPU benchmark does first: exit with a clear message without a GPU, resolve the CSV path (default
+    bench/results/<csv_prefix>_<gpu>.csv), and warm the GPU up. -> (CSV path, env_info() for its rows)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU")
+    out = out or f"bench/results/{csv_prefix}_{gpu_slug()}.csv"
+    info = env_info()
+    warm_gpu()
+    return out, info
+
+
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """Append rows to a CSV (header written when the file is new)."""
     if not rows:

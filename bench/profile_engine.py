@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import env_info, gpu_slug, warm_gpu, write_rows  # noqa: E402
+from common import start_gpu_bench, write_rows  # noqa: E402
 
 from bench_engine import MODELS, NEW, VOCAB, make_files  # noqa: E402
 
@@ -83,11 +83,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--top", type=int, default=12, help="kernels listed one by one (besides every decoding one)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("profile_engine.py needs a CUDA GPU")
-    out = args.out or f"bench/results/engine_profile_{gpu_slug()}.csv"
-    info = env_info()
-    warm_gpu()
+    out, info = start_gpu_bench("profile_engine.py", "engine_profile", args.out)
     tmp = Path(tempfile.mkdtemp())
     _, _, fp16, int8 = make_files(args.model, tmp)
     src = torch.randint(4, VOCAB, (args.batch, args.src_len), device="cuda")

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-import lsquant
 from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 from lsquant.models import Transformer
 from lsquant.recipes.mt.batching import collate, length_sorted_batches
-from lsquant.recipes.mt.pipeline import RecipeConfig, export, load_pairs, qat, tf32_matmuls, tokenizer, train
+from lsquant.recipes.mt.pipeline import (RecipeConfig, export, fp32_model, load_pairs, qat, tf32_matmuls, tokenizer,
+                                         train)
 
 
 def decode_model(model, batches, dev):
@@ -149,22 +149,13 @@ def main():
         cpu_batches.append(ids[: cpu_n - n])
         n += cpu_batches[-1].shape[0]
 
-    def model(path, quant):
-        m = Transformer.load(path)
-        m = Transformer(type(m.config).from_dict({**m.config.to_dict(), "dtype": "float32"}))
-        m.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
-        m.eval()
-        if quant:
-            m.apply(lsquant.enable_quant)
-        return m
-
     def analyse(tf32: bool) -> dict:
         """The decodings and their comparisons with PyTorch's TF32 switches set to tf32 (a run that trained in
         this process had them on: the recipe's fp32 training uses TF32)."""
         outs, times = {}, {}
         for quant, mpath, epath, Eng in ((True, q, q8, QuantTransformer), (False, fp, f16, FloatEngine)):
             tag = "q" if quant else "f"
-            m = model(mpath, quant)
+            m = fp32_model(mpath, quant)
             for name, fn in ((f"model_cuda_{tag}", lambda: decode_model(m, batches, a.gpu)),
                              (f"model_cpu_{tag}", lambda: decode_model(m, batches, "cpu")),
                              (f"engine_cuda32_{tag}", lambda: decode_engine(
@@ -192,7 +183,7 @@ def main():
                 print(f"{x:>18s} = {y:<18s} {s:4d}/{n:<4d} {100 * s / n:5.1f}%", flush=True)
 
         flat_src = [row for ids in batches for row in ids]  # each source as padded in its batch
-        mq = model(q, True)
+        mq = fp32_model(q, True)
         for dev in ("cuda", "cpu"):
             tf = teacher_forced_same(mq, cpu_batches, outs[f"model_{dev}_q"][:cpu_n], mcfg, a.gpu if dev == "cuda" else dev)
             report[f"teacher-forced argmax reproduces model_{dev}_q"] = round(tf, 4)
@@ -200,8 +191,8 @@ def main():
         for ref, other in (("model_cuda_q", "engine_cuda32_q"), ("model_cuda_q", "model_cpu_q"),
                            ("model_cuda_f", "engine_cuda32_f")):
             dev = a.gpu if "cuda" in ref else "cpu"
-            ms = margins(model(q if ref.endswith("q") else fp, ref.endswith("q")), flat_src, outs[ref], outs[other],
-                         mcfg, dev)
+            quant = ref.endswith("q")
+            ms = margins(fp32_model(q if quant else fp, quant), flat_src, outs[ref], outs[other], mcfg, dev)
             vals = sorted(abs(m) for _, m, _ in ms if m == m)
             q_ = lambda f: round(vals[min(len(vals) - 1, int(f * len(vals)))], 4) if vals else None  # noqa: E731
             lens = [len(strip(o, mcfg.eos_id)) for o in outs[ref]]

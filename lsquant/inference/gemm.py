@@ -248,6 +248,24 @@ def _workspace(device: torch.device) -> torch.Tensor:
     return ws
 
 
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device=None) -> torch.cuda.Stream:
+    """The one side stream per device on which the tuner's timings and every engine warm up and capture their
+    CUDA graphs. PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for each stream that ran a cuBLAS call, for
+    the life of the process, and the split-K kernel a scratch buffer per stream: a new stream per timing left
+    ~300 MB behind per tuned engine (scripts/diag_leak.py), and one per engine a workspace per engine built.
+    (Engines are not meant to be driven from several threads at once.)"""
+    idx = torch.device(device).index if device is not None else None
+    idx = torch.cuda.current_device() if idx is None else idx
+    with _ws_lock:
+        s = _side_streams.get(idx)
+        if s is None:
+            s = _side_streams[idx] = torch.cuda.Stream(idx)
+    return s
+
+
 def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 

@@ -44,7 +44,8 @@ from pathlib import Path
 
 import torch
 
-from .gemm import (ACTIVATIONS, OUT_NAMES, Int8Linear, default_choice, epilogue_ref, run_choice, tops)
+from .gemm import (ACTIVATIONS, OUT_NAMES, Int8Linear, default_choice, epilogue_ref, run_choice, side_stream,
+                   tops)
 from .gemm import choice_name as _gemm_choice_name
 
 log = logging.getLogger("lsquant.gemm")
@@ -356,19 +357,6 @@ def n_rotating_sets(bytes_per_set: int, cap: int = 32) -> int:
 
 
 _graph_failures: set[str] = set()
-_warmup_streams: dict[int, torch.cuda.Stream] = {}
-
-
-def _warmup_stream() -> torch.cuda.Stream:
-    """The side stream every timing warms up on before capture, one per device for the process. A new stream per
-    timing would cost memory for good: PyTorch keeps a cuBLAS workspace (32 MiB on Hopper) for each stream that ran
-    a cuBLAS call, and the split-K kernel keeps a scratch buffer per stream. (A tuned engine left ~300 MB allocated
-    that no Python tensor owned, scripts/diag_leak.py, while the tuner made a new stream per timing.)"""
-    dev = torch.cuda.current_device()
-    s = _warmup_streams.get(dev)
-    if s is None:
-        s = _warmup_streams[dev] = torch.cuda.Stream()
-    return s
 
 
 def time_fn(fn, args_list: list, iters: int = 10, reps: int = 5, use_graph: bool = True) -> float:
@@ -383,7 +371,7 @@ def time_fn(fn, args_list: list, iters: int = 10, reps: int = 5, use_graph: bool
     graph = None
     if use_graph:
         try:
-            s = _warmup_stream()
+            s = side_stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for i in range(len(args_list)):  # warm-up on the side stream, as graph capture requires

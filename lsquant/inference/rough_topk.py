@@ -29,10 +29,10 @@ Bytes at N = 512, V = 32000, K = 4 (P = 1), fp16 logits: 2 x 32.8 MB read (the s
 MB on an H100) and N x (12 + CAP x 8) = 137 KB written (CAP = 32), against ~0.5 GB.
 
 Numerics: the max is exact; the sum of exponentials is reduced in another order than PyTorch's (per lane, per
-slice, then over the slices) (and on the
-GPU Triton's exp is ex2.approx, ~2 ulp), so log(sum) and the values agree with the PyTorch path to a few fp32
-ulps (~1e-6 at values ~10), not bit for bit (PyTorch's CUDA and CPU log-softmax differ by as much). The
-selection itself is exact: the kept values are the 2K largest of the values this path computes.
+slice, then over the slices; on the GPU Triton's exp is ex2.approx, ~2 ulp), so log(sum) and the values agree
+with the PyTorch path to a few fp32 ulps (~1e-6 at values ~10), not bit for bit (PyTorch's CUDA and CPU
+log-softmax differ by as much). The selection itself is exact: the kept values are the 2K largest of the values
+this path computes.
 
 Ties: among equal values topk (over the slots, listed beam by beam, token ascending within a beam) decides
 which are kept at the 2K-th place and their order; in the overflow fallback a row keeps its lowest token ids
@@ -274,7 +274,8 @@ def row_candidates(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, 
     C, CAP = sizes(beams)
     R = max(1, BLOCK // C)                                 # pass 1's tile: R x C logits
     tile = max(BLOCK, R * C)
-    S = -(-(-(-V // P)) // tile) * tile                    # the slice: ceil(V / P) rounded up to whole tiles
+    S = -(-V // P)                                         # the slice: ceil(V / P) ...
+    S = -(-S // tile) * tile                               # ... rounded up to whole tiles
     dev = logits.device
     part = torch.empty(2, N, P, dtype=torch.float32, device=dev)   # per slice: row max, sum of exp(x - max)
     pcm = torch.empty(N, P, C, dtype=torch.float32, device=dev)    # per slice: chunk maxima

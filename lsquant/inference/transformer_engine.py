@@ -34,25 +34,9 @@ from lsquant.quant.ref import scale_and_inv
 
 from . import attention, decoding
 from .embed_step import embed_step
-from .gemm import Int8Linear
+from .gemm import Int8Linear, side_stream
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
-_side_streams: dict = {}
-
-
-def _side_stream(device) -> torch.cuda.Stream:
-    """The stream every engine of the process warms up and captures its graphs on, one per device: PyTorch keeps
-    a cuBLAS workspace (32 MiB on Hopper) for each stream that ran a cuBLAS call, for the life of the process, so
-    a stream per engine would leave one behind for every engine built. (One engine's graphs replay on the
-    caller's stream; engines are not meant to be driven from several threads at once.)"""
-    idx = torch.device(device).index
-    idx = torch.cuda.current_device() if idx is None else idx
-    s = _side_streams.get(idx)
-    if s is None:
-        s = _side_streams[idx] = torch.cuda.Stream(idx)
-    return s
-
-
 _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
 
 
@@ -355,7 +339,7 @@ class _Engine:
             hit[0].replay()
             return hit[1]
         if self._stream is None:
-            self._stream = _side_stream(self.device)
+            self._stream = side_stream(self.device)
             # one pool for every graph: a graph's temporaries never outlive its replay (all state is written
             # into buffers allocated outside the graphs), so graphs may share memory in any replay order
             self._pool = torch.cuda.graph_pool_handle()

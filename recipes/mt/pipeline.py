@@ -322,7 +322,7 @@ def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...
     return results
 
 
-def _fp32_model(model_path: str | Path, quantized: bool) -> Transformer:
+def fp32_model(model_path: str | Path, quantized: bool) -> Transformer:
     """The checkpoint's model in fp32, eval mode, quantization on (fake-quant) if asked (a bf16 run's checkpoint
     would otherwise decode in bf16: another arithmetic)."""
     blob = torch.load(model_path, map_location="cpu", weights_only=False)
@@ -360,7 +360,7 @@ def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str
     from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 
     dev = cfg.torch_device()
-    model = _fp32_model(model_path, quantized).to(dev)
+    model = fp32_model(model_path, quantized).to(dev)
     kind = QuantTransformer if quantized else FloatEngine
     eng = kind(export_path, max_batch_size=cfg.infer_batch_size, device=dev, dtype=engine_dtype)
     with torch.no_grad(), tf32_matmuls(False):   # fp32 means fp32 (TF32 rounds every product's inputs to 10 bits)
@@ -375,7 +375,7 @@ def model_self_agreement(cfg: RecipeConfig, model_path: str | Path, split: str, 
     its activations: another summation order can move one next to a rounding boundary by a whole int8 step
     (recipes/mt/RESULTS.md)."""
     dev = cfg.torch_device()
-    gpu, cpu = _fp32_model(model_path, quantized).to(dev), _fp32_model(model_path, quantized)
+    gpu, cpu = fp32_model(model_path, quantized).to(dev), fp32_model(model_path, quantized)
     with torch.no_grad(), tf32_matmuls(False):
         return _same_greedy(cfg, split, ((dev, lambda ids: gpu.generate(ids, "greedy")[0][:, 0]),
                                          ("cpu", lambda ids: cpu.generate(ids, "greedy")[0][:, 0])),
