@@ -7,7 +7,8 @@
 # split by kernel; the engines' encoder attention through SDPA on one shared side stream (engine cuda tests; the
 # engine benchmark's memory column: no cuBLAS workspace for the int8 engine's stream). Logs and CSVs under $OUT.
 #   bash scripts/gpu_followup.sh tests     (cuda tests, diag_leak)
-#   bash scripts/gpu_followup.sh bench     (head kernel rows, bench_search, engines sliced / one slice, profile)
+#   bash scripts/gpu_followup.sh bench     (rough top-k tests, head kernel rows, bench_search, engines sliced / one slice)
+#   bash scripts/gpu_followup.sh profile   (the engine profile)
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/lsquant_gpu_out}; mkdir -p "$OUT"
@@ -29,7 +30,8 @@ run engine_tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test
   tests/test_decoding.py
 run diag_leak 120 python3 scripts/diag_leak.py
 grep -E "^(after|built|tuned|served|dropped)" "$OUT/diag_leak.log"
-else
+elif [ "$PART" = bench ]; then
+run rough_topk_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_rough_topk.py
 run layers_heads_bench 180 python3 bench/bench_layers.py --only kernels --kernels split_heads+bias merge_heads \
   --out "$OUT/layers_heads.csv"
 grep -v "^\[" "$OUT/layers_heads_bench.log" | tail -12
@@ -40,6 +42,7 @@ for P in auto 1; do   # the engines end to end, rows split (auto) and one progra
     --models base --batches 1 8 32 --src-lens 16 --graph on --impls lsquant_int8 lsquant_fp16 --out "$OUT/engine_$P.csv"
   grep -v "^\[" "$OUT/engine_bench_slices_$P.log" | tail -13
 done
+else
 run engine_profile 150 python3 bench/profile_engine.py --out "$OUT/engine_profile.csv"
 tail -45 "$OUT/engine_profile.log"
 fi

@@ -1,5 +1,7 @@
 """Shared fixtures. Tests marked ``cuda`` run only where PyTorch sees a GPU (they build the extension on
 first use) and are skipped cleanly elsewhere."""
+import contextlib
+
 import pytest
 import torch
 
@@ -24,10 +26,18 @@ TRITON_MODULES = ("lsquant.inference.gemm_triton", "lsquant.inference.attention"
 
 
 @pytest.fixture
-def triton_interpreter(monkeypatch):
+def triton_interpreter():
     """Run Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1): the same kernel source, programs
     run one after another; nothing about pipelining, warp specialization or atomics' memory order (the cuda
     tests cover those). Yields lsquant.inference.gemm_triton."""
+    with interpreter_mode() as gemm_triton:
+        yield gemm_triton
+
+
+@contextlib.contextmanager
+def interpreter_mode():
+    """The triton_interpreter fixture as a context manager: on exit the process compiles kernels again, as if
+    the interpreter had never run."""
     import importlib
 
     pytest.importorskip("triton")
@@ -41,14 +51,45 @@ def triton_interpreter(monkeypatch):
         orig(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patched)
-    # Triton's own @jit functions (tl.cdiv, ...) were decorated for compilation when triton was imported
-    # without TRITON_INTERPRET: called from an interpreted kernel, they are interpreted too
-    monkeypatch.setattr(JITFunction, "__call__", lambda self, *a, **k: interp.InterpretedFunction(self.fn)(*a, **k))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     mods = [importlib.import_module(m) for m in TRITON_MODULES]
-    for m in mods:
-        m._build.cache_clear()
-    yield mods[0]
-    for m in mods:
-        m._build.cache_clear()  # the next (compiled) caller rebuilds its own kernels
+    with pytest.MonkeyPatch.context() as mp, triton_language_restored():
+        mp.setattr(interp, "_patch_lang_tensor", patched)
+        # Triton's own @jit functions (tl.cdiv, ...) were decorated for compilation when triton was imported
+        # without TRITON_INTERPRET: called from an interpreted kernel, they are interpreted too
+        mp.setattr(JITFunction, "__call__", lambda self, *a, **k: interp.InterpretedFunction(self.fn)(*a, **k))
+        mp.setenv("TRITON_INTERPRET", "1")
+        for m in mods:
+            m._build.cache_clear()
+        try:
+            yield mods[0]
+        finally:
+            for m in mods:
+                m._build.cache_clear()  # the next (compiled) caller rebuilds its own kernels
+
+
+def _language_objects():
+    import triton.language as tl
+
+    # what the interpreter's _patch_lang patches: the language modules, the tensor classes and tl.math
+    return (tl, tl.core, tl.core.tensor, tl.math, tl.core.tensor_descriptor_base)
+
+
+@contextlib.contextmanager
+def triton_language_restored():
+    """Put triton.language back as it was on exit. Triton 3.6's interpreter patches the language for each
+    interpreted jit function a kernel calls (tl.max, tl.cumsum: functions whose globals hold triton.language.core)
+    and never restores those patches, so a kernel compiled for the GPU later in the same process lowers through the
+    interpreter's builder and fails ('ir.value' object has no attribute 'dtype')."""
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    try:
+        yield
+    finally:
+        for obj, attrs in saved:
+            for name in [n for n in vars(obj) if n not in attrs]:
+                delattr(obj, name)
+            for name, value in attrs.items():
+                if vars(obj).get(name, _MISSING) is not value:
+                    setattr(obj, name, value)
+
+
+_MISSING = object()

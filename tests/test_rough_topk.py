@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from lsquant.inference import decoding, rough_topk
 from lsquant.inference.decoding import log_probs
 
+from conftest import interpreter_mode
+
 EOS = 2
 NEG = float("-inf")
 
@@ -239,9 +241,32 @@ for K, dt, P in ((1, "fp32", 1), (5, "bf16", 8)):
         assert k.asm["cubin"], (K, dt)
 print("compiled")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_ALWAYS_COMPILE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_kernels_compile_after_the_interpreter_ran(monkeypatch, tmp_path):
+    """In one process, interpreted kernels (which patch triton.language) and then a kernel compiled for sm90: what
+    a GPU machine runs when it runs the whole suite. The kernel is lowered through the compiler's builder, not the
+    interpreter's (conftest.triton_language_restored). An empty cache: a cached cubin would skip the lowering."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_ALWAYS_COMPILE", "1")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    with interpreter_mode():
+        logits, scores, t, limits, banned = _case("random", torch.float32, 2, 2, 517, "cpu")
+        rough_topk.row_candidates(logits, scores, t, limits, EOS, banned, 2)   # tl.max, tl.cumsum: interpreted
+    threshold = rough_topk._build(False)[0]
+    C, _ = rough_topk.sizes(2)
+    sig = dict(x_ptr="*fp32", stride="i32", t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", pcm_ptr="*fp32",
+               V="i32", S="i32", eos="i32", b0="i32", b1="i32", b2="i32", b3="i32", P="constexpr", C="constexpr",
+               R="constexpr")
+    k = triton.compile(ASTSource(threshold, sig, constexprs=dict(P=2, C=C, R=1024 // C)),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert k.asm["cubin"]
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
