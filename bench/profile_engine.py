@@ -6,7 +6,8 @@ and the rest, next to the request's wall time (wall - GPU busy time = time the G
                                    [--out bench/results/engine_profile_<gpu>.csv]
 
 Random weights from bench_engine.make_files (6+6 layers, vocabulary 32000, 32 new tokens forced). Kernel names are
-matched with the patterns in CATEGORIES, first match wins; the CSV has one row per (engine, category).
+matched with the patterns in CATEGORIES, first match wins; the CSV has one row per (engine, category) (kernel
+empty) and one per listed kernel (its name cut at 120 characters, calls).
 """
 from __future__ import annotations
 
@@ -97,18 +98,21 @@ def main() -> None:
         wall, cats, n, kernels = profile(eng, src, args.method)
         gpu = sum(cats.values())
         print(f"{impl}: wall {wall:.2f} ms, GPU busy {gpu:.2f} ms ({100 * gpu / wall:.0f}% of wall), {n} kernels")
+        common = {**info, "model": f"transformer-{args.model}", "impl": impl, "method": args.method,
+                  "batch": args.batch, "src_len": args.src_len, "new_tokens": NEW, "wall_ms": round(wall, 3),
+                  "gpu_busy_ms": round(gpu, 3), "kernels": n}
         for c, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
             print(f"   {c:18s} {ms:8.3f} ms  {100 * ms / gpu:5.1f}% of GPU time")
+            rows.append({**common, "category": c, "kernel": "", "calls": "", "ms": round(ms, 3),
+                         "share_of_gpu": round(ms / gpu, 4)})
         # the kernels one by one (the decoding ones all, the rest the top args.top): which kernel a category's
         # time is in, e.g. the rough top-k's two passes against the bookkeeping
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1][1])
         shown = [kv for i, kv in enumerate(ranked) if i < args.top or categorise(kv[0]) == "decoding"]
         for name, (calls, ms) in shown:
             print(f"     {ms:8.3f} ms {calls:6d} calls {1e3 * ms / calls:8.1f} us  [{categorise(name)}] {name[:90]}")
-            rows.append({**info, "model": f"transformer-{args.model}", "impl": impl, "method": args.method,
-                         "batch": args.batch, "src_len": args.src_len, "new_tokens": NEW, "wall_ms": round(wall, 3),
-                         "gpu_busy_ms": round(gpu, 3), "kernels": n, "category": c, "category_ms": round(ms, 3),
-                         "share_of_gpu": round(ms / gpu, 4)})
+            rows.append({**common, "category": categorise(name), "kernel": name[:120], "calls": calls,
+                         "ms": round(ms, 3), "share_of_gpu": round(ms / gpu, 4)})
         del eng
         torch.cuda.empty_cache()
     write_rows(out, rows)

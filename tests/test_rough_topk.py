@@ -140,8 +140,9 @@ def test_slices_equal_one_program_per_row_in_the_interpreter(interp, kind, dtype
     val1, tok1, count1 = rough_topk.row_candidates(logits, scores, t, limits, EOS, banned, K, num_slices=1)
     assert torch.equal(count, count1)
     one = rough_topk.rank(val1, tok1, K, V)
-    if kind != "ties":   # among tied values the two may keep different ids
-        assert torch.equal(got[1], one[1])
+    if kind != "ties":   # among tied values (-inf included) the two may keep different ids
+        fin = got[0] > NEG
+        assert torch.equal(got[1][fin], one[1][fin])
     torch.testing.assert_close(got[0], one[0], rtol=0, atol=4e-6)
 
 
@@ -211,8 +212,46 @@ def test_beam_search_with_the_kernels_equals_the_pytorch_path_in_the_interpreter
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
 
 
+def _rank_case(B, K, W, V, kind, device):
+    """Slots (B * K, W): values with -inf (unused slots), repeated values (ties), and distinct token ids per
+    sentence, so that beam * V + token names one slot."""
+    g = torch.Generator().manual_seed(B * 100 + K * 10 + W)
+    val = torch.randn(B * K, W, generator=g) * 3 - 5
+    if kind == "ties":
+        val = torch.randint(-3, 0, (B * K, W), generator=g).float()
+    val[torch.rand(B * K, W, generator=g) < 0.3] = NEG
+    if kind == "dead":   # a sentence whose slots are all -inf
+        val[:K] = NEG
+    tok = torch.stack([torch.randperm(V, generator=g)[:W] for _ in range(B * K)]).int()
+    return val.to(device), tok.to(device)
+
+
+def _check_rank(val, tok, K, V, got, want):
+    B = val.shape[0] // K
+    assert torch.equal(got[0], want[0])                  # the same values, best first
+    keys = (torch.arange(K, device=val.device).repeat_interleave(val.shape[1]) * V).view(1, -1) \
+        + tok.view(B, -1).long()                          # beam * V + token of each slot
+    for b in range(B):
+        slot = {int(k): float(v) for k, v in zip(keys[b], val.view(B, -1)[b])}
+        picked = [int(i) for i in got[1][b]]
+        assert len(set(picked)) == len(picked)              # distinct slots
+        assert all(slot[i] == float(s) for i, s in zip(picked, got[0][b]))   # each index holds its value
+        vals = val.view(B, -1)[b]
+        for r, s in enumerate(want[0][b]):                  # where the value is unique, the same index
+            if int((vals == s).sum()) == 1:
+                assert picked[r] == int(want[1][b][r])
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "dead"])
+@pytest.mark.parametrize("B,K,W", [(3, 4, 32), (2, 5, 64), (1, 1, 16), (2, 4, 256)])
+def test_rank_equals_topk_in_the_interpreter(interp, kind, B, K, W):
+    V = 1000
+    val, tok = _rank_case(B, K, W, V, kind, "cpu")
+    _check_rank(val, tok, K, V, rough_topk.rank(val, tok, K, V), rough_topk.rank_ref(val, tok, K, V))
+
+
 def test_kernels_compile_for_sm90():
-    """The compiled path (not the interpreter) lowers the three kernels for an H100: PTX and ptxas, no GPU needed. In a
+    """The compiled path (not the interpreter) lowers the four kernels for an H100: PTX and ptxas, no GPU needed. In a
     fresh process: Triton 3.6's interpreter leaves triton.language.core patched after a kernel calls a jit
     function (tl.max, tl.cumsum), so a kernel compiled later in a process that ran interpreter tests fails."""
     pytest.importorskip("triton")
@@ -221,7 +260,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lsquant.inference import rough_topk
-threshold, candidates, finish = rough_topk._build(False)
+threshold, candidates, finish, rank = rough_topk._build(False)
 ints = {n: "i32" for n in ("stride", "V", "eos", "b0", "b1", "b2", "b3")}
 for K, dt, P in ((1, "fp32", 1), (5, "bf16", 8)):
     C, CAP = rough_topk.sizes(K)
@@ -239,6 +278,11 @@ for K, dt, P in ((1, "fp32", 1), (5, "bf16", 8)):
         k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=4))
         assert k.asm["cubin"], (K, dt)
+    sig4 = dict(val_ptr="*fp32", tok_ptr="*i32", top_s_ptr="*fp32", top_i_ptr="*i64", V="i32", KW="i32", W="i32",
+                K2="constexpr", BLOCK_KW="constexpr")
+    k = triton.compile(ASTSource(rank, sig4, constexprs=dict(K2=2 * K, BLOCK_KW=triton.next_power_of_2(K * P * CAP))),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    assert k.asm["cubin"], (K, "rank")
 print("compiled")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_ALWAYS_COMPILE": "1"}
@@ -324,3 +368,12 @@ def test_beam_search_with_the_kernels_equals_the_pytorch_path_on_cuda(dtype, mon
         # a dozen steps), the best hypotheses agree
         assert torch.equal(got[0][:, 0], want[0][:, 0])
         torch.testing.assert_close(got[1][:, 0], want[1][:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["random", "ties", "dead"])
+@pytest.mark.parametrize("B,K,W", [(3, 4, 32), (2, 5, 64), (1, 1, 16), (8, 4, 256), (128, 4, 32)])
+def test_rank_equals_topk_on_cuda(kind, B, K, W):
+    V = 32000
+    val, tok = _rank_case(B, K, W, V, kind, "cuda")
+    _check_rank(val, tok, K, V, rough_topk.rank(val, tok, K, V), rough_topk.rank_ref(val, tok, K, V))

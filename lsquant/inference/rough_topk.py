@@ -219,7 +219,28 @@ def _build(interpret: bool):
         tl.store(vrow + slot, val)
         tl.store(trow + slot, tl.where(keys > float("-inf"), toks, 0))
 
-    return _threshold, _candidates, _finish
+    @triton.jit
+    def _rank(val_ptr, tok_ptr, top_s_ptr, top_i_ptr, V, KW, W, K2: tl.constexpr, BLOCK_KW: tl.constexpr):
+        # one program per sentence: its K2 best of the K x W slots of its K rows (contiguous), best first, in the
+        # order (value descending, slot ascending): sweep j takes the first slot after sweep j - 1's in that order
+        # (-inf values included, so every rank gets a slot as topk's does); -> value, beam * V + token (int64)
+        b = tl.program_id(0).to(tl.int64)
+        i = tl.arange(0, BLOCK_KW)
+        valid = i < KW
+        v = tl.load(val_ptr + b * KW + i, mask=valid, other=float("-inf"))
+        pk = float("inf")
+        pi = -1
+        for j in range(K2):
+            after = valid & ((v < pk) | ((v == pk) & (i > pi)))
+            m = tl.max(tl.where(after, v, float("-inf")), axis=0)
+            sel = tl.min(tl.where(after & (v == m), i, BLOCK_KW), axis=0)
+            tok = tl.load(tok_ptr + b * KW + sel)
+            tl.store(top_s_ptr + b * K2 + j, m)
+            tl.store(top_i_ptr + b * K2 + j, (sel // W).to(tl.int64) * V + tok.to(tl.int64))
+            pk = m
+            pi = sel
+
+    return _threshold, _candidates, _finish, _rank
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -283,7 +304,7 @@ def row_candidates(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, 
     val = torch.empty(N, P * CAP, dtype=torch.float32, device=dev)
     tok = torch.empty(N, P * CAP, dtype=torch.int32, device=dev)
     count = torch.empty(N, dtype=torch.int32, device=dev)
-    threshold, candidates, finish = _build(_interpret())
+    threshold, candidates, finish, _ = _build(_interpret())
     # pass 1 reads R x C = BLOCK logits per iteration (2 KB of fp16 per program and step)
     threshold[(N, P)](logits, logits.stride(0), t, limits, part[0], pcm, V, S, eos, *b, P=P, C=C, R=R,
                       num_warps=4)
@@ -305,8 +326,25 @@ def beam_topk(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, limit
 
 def rank(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
     """row_candidates' slots (N, W) -> (top_s (B, k) fp32, top_i (B, k) int64 = beam * V + token), k =
-    min(2 * beams, beams * V): a topk over each sentence's beams x W slots (K = 4, one slice: 128 values, not
-    128,000; 8 slices: 1,024)."""
+    min(2 * beams, beams * V), best first: rank_ref's result (values equal, indices equal except among equal
+    values) in one Triton kernel, one program per sentence (K = 4, 8 slices: 2K = 8 sweeps over 1,024 slots),
+    instead of a topk (a radix select and a sort) and the index arithmetic around it."""
+    N, W = val.shape
+    B, K = N // beams, beams
+    k = min(2 * K, K * V)
+    top_s = torch.empty(B, k, dtype=torch.float32, device=val.device)
+    top_i = torch.empty(B, k, dtype=torch.int64, device=val.device)
+    if B == 0:
+        return top_s, top_i
+    import triton
+
+    _build(_interpret())[3][(B,)](val, tok, top_s, top_i, V, K * W, W, K2=k,
+                                  BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4)
+    return top_s, top_i
+
+
+def rank_ref(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank in PyTorch ops: a topk over each sentence's beams x W slots, then beam * V + token."""
     N, W = val.shape
     B, K = N // beams, beams
     top_s, j = val.view(B, K * W).topk(min(2 * K, K * V), dim=1)
