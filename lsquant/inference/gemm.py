@@ -188,6 +188,23 @@ DEFAULT_TRITON_MAX_M = 64
 DEFAULT_TRITON_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4, "GROUP_M": 1}
 
 
+# the fused LayerNorm + GEMM (Int8Linear.ln_call) for decoding's row counts: batch x beams <= 64 (the default
+# Triton tiled kernel's range)
+LN_FUSED_MAX_M = 64
+
+
+def ln_fused() -> bool:
+    """Whether Int8Linear.ln_call fuses the LayerNorm into the GEMM on CUDA: Triton available and the
+    environment variable LSQUANT_LN_GEMM not "0" (an override for comparisons)."""
+    import os
+
+    if os.environ.get("LSQUANT_LN_GEMM", "1") == "0":
+        return False
+    from . import gemm_triton
+
+    return gemm_triton.available()
+
+
 def default_choice(M: int | None = None) -> dict:
     """The kernel used without a tuning-cache entry for M rows (tokens).
 
@@ -318,10 +335,12 @@ class Int8Linear:
                 raise ValueError(f"w_clip has {w_clip.numel()} values, the weight has {self.N} output channels")
             x_clip = torch.as_tensor(self.x_clip, dtype=torch.float32, device=dev).reshape(())
             self.alpha = gemm_alpha(x_clip, w_clip)
-            self.x_scale_t = scale_and_inv(x_clip)[0]  # on the device: no host copy per call (CUDA graphs)
+            # on the device: no host copy per call (CUDA graphs)
+            self.x_scale_t, self.x_inv_t = (t.reshape(1).contiguous() for t in scale_and_inv(x_clip))
+            self.x_clip_t = x_clip.reshape(1).contiguous()
         else:
             self.alpha = None
-            self.x_scale_t = None
+            self.x_scale_t = self.x_inv_t = self.x_clip_t = None
         if self.bias is not None:
             if self.bias.numel() != self.N:
                 raise ValueError(f"bias has {self.bias.numel()} values, expected {self.N}")
@@ -384,6 +403,57 @@ class Int8Linear:
         if M == 0:
             return torch.empty(*lead, self.N, dtype=self.out_dtype, device=x_q.device)
         return self._dispatch(x2, choice, res2).reshape(*lead, self.N)
+
+    def ln_call(self, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float = 1e-5,
+                residual: torch.Tensor | None = None, q_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``layer(quantize(LayerNorm(x), x_clip), residual)`` (a pre-LN sublayer's first linear), the values of
+        ``ops.layer_norm_quant`` then ``layer``: x float (..., K), ln_weight / ln_bias (K,) of x's dtype.
+
+        On CUDA with at most :data:`LN_FUSED_MAX_M` rows (decoding) one Triton kernel does both: the LayerNorm
+        and the quantize in the GEMM's prologue, no int8 tensor in memory, one launch fewer (:func:`ln_fused`
+        says whether it is on). Its statistics are summed in another order than the LayerNorm kernel's, so an
+        input within an ulp of a rounding boundary may land on the neighbouring int8 level (measured in the
+        tests); the GEMM and epilogue are the tiled kernel's. Otherwise, and if the fused kernel fails (one
+        warning), the two kernels. q_out: int8 (..., K), given the quantized input as computed (tests)."""
+        if x.shape[-1] != self.K:
+            raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.K}")
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+        if self.out_dtype == torch.int32:
+            raise ValueError("ln_call needs a scaled output (x_clip): the input is quantized with it")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        M = x2.shape[0]
+        if x.is_cuda and 0 < M <= LN_FUSED_MAX_M and ln_fused() and "ln_tiled" not in self._failed:
+            from .gemm_triton import int8_ln_linear_triton
+
+            _check_residual(residual, self.out_dtype, (*lead, self.N), x.device)
+            try:
+                y = int8_ln_linear_triton(
+                    x2, ln_weight, ln_bias, eps, self.x_inv_t, self.weight, self.alpha, self.bias32,
+                    ACTIVATIONS[self.activation], self.out_dtype, self.out_inv_t, self.ln_config(M),
+                    residual.reshape(-1, self.N) if residual is not None else None,
+                    q_out.view(-1, self.K) if q_out is not None else None)
+                return y.reshape(*lead, self.N)
+            except Exception as e:   # as _dispatch: a kernel that cannot run here must not take the engine down
+                warnings.warn(f"lsquant int8 LayerNorm + GEMM for M={M}, N={self.N}, K={self.K} failed "
+                              f"({type(e).__name__}: {e}); using LayerNorm, then the GEMM", RuntimeWarning,
+                              stacklevel=2)
+                self._failed.add("ln_tiled")
+        from lsquant import ops
+
+        q = ops.layer_norm_quant(x, ln_weight, ln_bias, eps, self.x_clip_t, float_out=False)[1]
+        if q_out is not None:
+            q_out.copy_(q)
+        return self(q, residual=residual)
+
+    def ln_config(self, M: int) -> dict:
+        """The fused LayerNorm + GEMM kernel's tiles for M rows: the tuned choice of M's bucket where that is
+        the tiled Triton kernel (the same loop over K, plus the prologue), else the default tiled config."""
+        c = self.choice_for(M)
+        if c.get("backend") == "triton" and c["config"].get("KERNEL", "tiled") == "tiled":
+            return c["config"]
+        return DEFAULT_TRITON_CONFIG
 
     def _dispatch(self, x2: torch.Tensor, choice: dict | None = None, residual: torch.Tensor | None = None
                   ) -> torch.Tensor:

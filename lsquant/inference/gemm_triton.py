@@ -461,7 +461,70 @@ def _build(interpret: bool) -> dict:
             out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
             tl.store(out_ptrs, res, mask=mask)
 
-    return {"tiled": int8_linear_kernel, "tma": int8_linear_tma_kernel, "splitk": int8_linear_splitk_kernel}
+    @triton.jit
+    def int8_ln_linear_kernel(x_ptr, g_ptr, beta_ptr, xinv_ptr, eps, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr,
+                              res_ptr, q_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm,
+                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
+                              HAS_RES: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LN_BLOCK: tl.constexpr):
+        # The tiled kernel with LayerNorm + quantize in its prologue: x float (M, K) rows; each program takes the
+        # mean and rstd of its BLOCK_M rows (two passes over K, as layernorm.cu: sum, then squared deviations),
+        # then quantizes each x tile as ops.layer_norm_quant does (fma((x - mean) * rstd, g, b), rounded to x's
+        # dtype, then quantize with the linear's input 1/scale) right before the dot. WRITE_Q: the programs of
+        # the first column tile also store the int8 input they computed into q (M, K) (tests). The statistics
+        # walk K in LN_BLOCK chunks, a function of K alone, so a row's values do not depend on the tile config
+        # (which tuning may change).
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rm = tl.where(offs_m < M, offs_m, 0)
+        rn = tl.where(offs_n < N, offs_n, 0)
+        x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+        offs_l = tl.arange(0, LN_BLOCK)
+        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, LN_BLOCK)):
+            kk = k * LN_BLOCK + offs_l
+            s1 += tl.sum(tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32), axis=1)
+        mean = s1 / K
+        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, LN_BLOCK)):
+            kk = k * LN_BLOCK + offs_l
+            d = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32) - mean[:, None]
+            d = tl.where(kk[None, :] < K, d, 0.0)
+            s2 += tl.sum(d * d, axis=1)
+        rstd = 1.0 / tl.sqrt_rn(s2 / K + eps)
+        xinv = tl.load(xinv_ptr)
+        w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            kk = k * BLOCK_K + offs_k
+            km = kk < K
+            xv = tl.load(x_rows + kk[None, :], mask=km[None, :], other=0.0)
+            g = tl.load(g_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            bb = tl.load(beta_ptr + kk, mask=km, other=0.0).to(tl.float32)
+            y = tl.fma((xv.to(tl.float32) - mean[:, None]) * rstd[:, None], g[None, :], bb[None, :])
+            y = y.to(xv.dtype).to(tl.float32)
+            a = tl.where(km[None, :], _quant(y, xinv), 0.0).to(tl.int8)
+            if WRITE_Q:
+                if pid_n == 0:
+                    qmask = (offs_m[:, None] < M) & km[None, :]
+                    tl.store(q_ptr + offs_m[:, None].to(tl.int64) * K + kk[None, :], a, mask=qmask)
+            b = tl.load(w_ptrs, mask=km[:, None], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            w_ptrs += BLOCK_K
+
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
+                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
+        tl.store(out_ptrs, res, mask=mask)
+
+    return {"tiled": int8_linear_kernel, "tma": int8_linear_tma_kernel, "splitk": int8_linear_splitk_kernel,
+            "ln_tiled": int8_ln_linear_kernel}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -671,3 +734,47 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0),
         num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
     return out
+
+
+def int8_ln_linear_triton(x2: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, eps: float, x_inv: torch.Tensor,
+                          w: torch.Tensor, alpha: torch.Tensor, bias32: torch.Tensor | None, act: int,
+                          out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict,
+                          residual: torch.Tensor | None = None, q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8_linear_triton of quantize(LayerNorm(x2), 1 / x_inv) in one kernel: x2 float (M, K) (rows with unit
+    column stride), ln_w / ln_b (K,) the LayerNorm's weight and bias, x_inv fp32 (1,) the linear's input
+    1/scale; the rest as int8_linear_triton, for a tiled config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages). q_out: int8 (M, K), written with the quantized input (tests)."""
+    import triton
+
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    M, K = x2.shape
+    N = w.shape[0]
+    kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
+    if residual is not None:
+        from .gemm import _check_residual
+
+        _check_residual(residual, out_dtype, (M, N), x2.device)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
+    d = _dummy(x2.device)
+    c = config
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    res_, stride_r = (residual, residual.stride(0)) if residual is not None else (d, 0)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _kernels()["ln_tiled"][grid](
+        x2, ln_w, ln_b, x_inv, float(eps), w, out, alpha if alpha is not None else d,
+        bias32 if bias32 is not None else d, out_inv if out_inv is not None else d, res_,
+        q_out if q_out is not None else d, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r,
+        HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, HAS_RES=residual is not None, WRITE_Q=q_out is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K), num_warps=c["num_warps"],
+        num_stages=c["num_stages"], enable_fp_fusion=False)
+    return out
+
+
+def ln_block(K: int) -> int:
+    """The fused LayerNorm's chunk over K for its statistics: 256, or K's next power of two if smaller."""
+    return min(256, 1 << max(0, (K - 1).bit_length()))

@@ -40,6 +40,14 @@ _ENC = ("qkv", "attn_out", "fc1", "fc2")
 _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
 
 
+class _Normed:
+    """LayerNorm(x) not computed yet: what an int8 pre-LN sublayer hands its first linear, whose GEMM kernel
+    normalizes and quantizes x itself (Int8Linear.ln_call)."""
+
+    def __init__(self, x: torch.Tensor, wb: tuple, eps: float = 1e-5):
+        self.x, self.weight, self.bias, self.eps = x, wb[0], wb[1], eps
+
+
 class _Linear:
     """One linear of the engine. int8: quantize(x, input_clip) -> Int8Linear (epilogue: scale, bias,
     activation, optional re-quantization). float: F.linear in the engine dtype."""
@@ -62,6 +70,10 @@ class _Linear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: float (..., K), or int8 when the previous kernel quantized it for this linear; residual: added to
         the output (int8 engine: in the GEMM's epilogue, the same values as adding after)."""
+        if isinstance(x, _Normed):   # int8, pre-LN: the LayerNorm and the quantize go into this GEMM's kernel
+            if residual is not None:
+                residual = residual.reshape(*x.x.shape[:-1], residual.shape[-1])
+            return self.lin.ln_call(x.x, x.weight, x.bias, x.eps, residual=residual)
         if residual is not None:
             residual = residual.reshape(*x.shape[:-1], residual.shape[-1])
         if self.int8:
@@ -256,14 +268,15 @@ class _Engine:
         """quantize(LayerNorm(x), clip) -> int8, one kernel on CUDA (the same values as the two ops)."""
         return ops.layer_norm_quant(x, wb[0], wb[1], 1e-5, clip, float_out=False)[1]
 
-    def _sublayer(self, x, L, ln, fn, first: str):
+    def _sublayer(self, x, L, ln, fn):
         """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual) = residual + f(h) (the add in
-        the last linear's epilogue). int8, pre-LN: the LayerNorm emits h quantized for the linear ``first``
-        (one kernel instead of LayerNorm + quantize)."""
+        the last linear's epilogue). int8, pre-LN: h is LN(x) unevaluated, which f's first linear (qkv, cross_q,
+        fc1) normalizes and quantizes itself (Int8Linear.ln_call: inside its GEMM kernel at decoding's row
+        counts on CUDA, else one LayerNorm-quantize kernel, then the GEMM)."""
         if not self.cfg.pre_layer_norm:
             return self._ln(fn(x, x), L[ln])
         if self.int8:
-            h = self._ln_quant(x, L[ln], L[first].in_clip)
+            h = _Normed(x, L[ln])
         else:
             h = self._ln(x, L[ln])
         return fn(h, x)
@@ -278,8 +291,8 @@ class _Engine:
             def attn(h, r, L=L):
                 q, k, v = (self._heads(t) for t in L["qkv"](h).chunk(3, dim=-1))
                 return L["attn_out"](self._attend(q, k, v, mask, False), residual=r)
-            x = self._sublayer(x, L, "attn_ln", attn, "qkv")
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), "fc1")
+            x = self._sublayer(x, L, "attn_ln", attn)
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
         if self.cfg.pre_layer_norm:
             x = self._ln(x, self.norms["encoder"])
         return x, mask
@@ -404,9 +417,9 @@ class _Engine:
                                                 cross_mask, K, *self._out_q(L, "cross_out"))
                 return L["cross_out"](ctx, residual=r).view(N, 1, H)
 
-            x = self._sublayer(x, L, "attn_ln", self_attn, "qkv")
-            x = self._sublayer(x, L, "cross_ln", cross_attn, "cross_q")
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), "fc1")
+            x = self._sublayer(x, L, "attn_ln", self_attn)
+            x = self._sublayer(x, L, "cross_ln", cross_attn)
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
         if self.cfg.pre_layer_norm and self.int8:   # the final LayerNorm emits the projection's int8 input
             logits = self.proj(self._ln_quant(x, self.norms["decoder"], self.proj_clip))
         else:
