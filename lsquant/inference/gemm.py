@@ -39,6 +39,7 @@ one to :func:`_run_fallback` (exact, never failing).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -189,15 +190,13 @@ DEFAULT_TRITON_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warp
 
 
 # the fused LayerNorm + GEMM (Int8Linear.ln_call) for decoding's row counts: batch x beams <= 64 (the default
-# Triton tiled kernel's range)
-LN_FUSED_MAX_M = 64
+# Triton tiled kernel's range); LSQUANT_LN_GEMM_MAX_M sets another bound (read at import, for comparisons)
+LN_FUSED_MAX_M = int(os.environ.get("LSQUANT_LN_GEMM_MAX_M", "64"))
 
 
 def ln_fused() -> bool:
     """Whether Int8Linear.ln_call fuses the LayerNorm into the GEMM on CUDA: Triton available and the
     environment variable LSQUANT_LN_GEMM not "0" (an override for comparisons)."""
-    import os
-
     if os.environ.get("LSQUANT_LN_GEMM", "1") == "0":
         return False
     from . import gemm_triton

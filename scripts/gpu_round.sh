@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call (~8 min) for the decode-step changes: the LayerNorm fused into the int8 GEMM (Int8Linear.ln_call),
+# the beam ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the search
+# benchmark (eager and graphed), the engines end to end (base: int8 fused / not fused / fused up to 128 rows, fp16;
+# big: int8 and fp16) and the per-kernel profile. Logs and CSVs packed in $OUT/round.tgz.
+#   bash scripts/gpu_round.sh
+set -u
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
+OUT=${OUT:-/tmp/lsquant_gpu_out}
+W="$OUT/w"; mkdir -p "$W"   # logs and CSVs; packed into $OUT/round.tgz after each step (8 files come back)
+pack() { tar czf "$OUT/round.tgz" -C "$W" .; }
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+{ python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m lsquant build -q; } > "$W/setup.log" 2>&1 \
+  || { tail -30 "$W/setup.log"; exit 1; }
+run() {  # name, limit (s), command...
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" > "$W/$name.log" 2>&1; echo "== $name: rc=$? $(tail -1 "$W/$name.log")"; pack
+}
+bench() {  # name, env assignments..., -- bench_engine arguments...
+  local name=$1; shift
+  local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
+  run "engine_$name" 120 env "${envs[@]}" python3 bench/bench_engine.py --src-lens 16 --graph on \
+    --out "$W/engine_$name.csv" "$@"
+  grep -v "^\[" "$W/engine_$name.log" | grep "tok/s" | sed 's/^/   /'
+}
+run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py \
+  tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
+run search 60 python3 bench/bench_search.py --out "$W/search.csv"
+grep "B=" "$W/search.log"
+bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
+bench base_fused128 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
+bench big LSQUANT_LN_GEMM=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+run profile 60 python3 bench/profile_engine.py --out "$W/profile.csv"
+grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
+rm -rf "$W"
