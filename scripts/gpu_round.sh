@@ -23,15 +23,15 @@ bench() {  # name, env assignments..., -- bench_engine arguments...
     --out "$W/engine_$name.csv" "$@"
   grep -v "^\[" "$W/engine_$name.log" | grep "tok/s" | sed 's/^/   /'
 }
-run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py \
+run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py \
   tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
-run search 60 python3 bench/bench_search.py --out "$W/search.csv"
-grep "B=" "$W/search.log"
 bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
-bench base_fused128 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
-bench big LSQUANT_LN_GEMM=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
-run profile 60 python3 bench/profile_engine.py --out "$W/profile.csv"
+run search 60 python3 bench/bench_search.py --out "$W/search.csv"
+grep "B=" "$W/search.log"
+run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
+bench big LSQUANT_LN_GEMM=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_fused128 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
 rm -rf "$W"

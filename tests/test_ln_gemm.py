@@ -111,8 +111,11 @@ def test_ln_call_checks_its_input():
 
 
 def test_ln_fused_follows_the_environment(monkeypatch):
-    monkeypatch.setenv("LSQUANT_LN_GEMM", "0")
-    assert not G.ln_fused()
+    monkeypatch.delenv("LSQUANT_LN_GEMM", raising=False)
+    assert not G.ln_fused()                                   # opt-in
+    monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
+    from lsquant.inference import gemm_triton
+    assert G.ln_fused() == gemm_triton.available()
 
 
 def test_fused_kernel_compiles_for_sm90():
@@ -152,9 +155,10 @@ print("compiled")
 @pytest.mark.parametrize("M", [1, 7, 33, 64])
 @pytest.mark.parametrize("N,K,out,act", [(1536, 512, "float", "none"), (2048, 512, "int8", "relu"),
                                          (1000, 1000, "float", "none"), (72, 1000, "int8", "relu")])
-def test_fused_on_cuda(x_dtype, M, N, K, out, act):
+def test_fused_on_cuda(x_dtype, M, N, K, out, act, monkeypatch):
     """Odd shapes: M from 1 to the fused range's end, K not a multiple of the 256-wide K block, N not one of the
     32-wide column tiles; the residual with float outputs (the engines' attention-output and FFN2 use it)."""
+    monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
     assert G.ln_fused()
     out_dtype = x_dtype if out == "float" else torch.int8
     x, ln_w, ln_b, layer, res = _case(M, N, K, x_dtype, out_dtype, act, device="cuda", seed=M)
@@ -168,7 +172,8 @@ def test_fused_on_cuda(x_dtype, M, N, K, out, act):
 
 
 @pytest.mark.cuda
-def test_over_the_fused_range_on_cuda_is_the_two_kernels():
+def test_over_the_fused_range_on_cuda_is_the_two_kernels(monkeypatch):
+    monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
     M = G.LN_FUSED_MAX_M + 1
     x, ln_w, ln_b, layer, res = _case(M, 512, 512, torch.float16, torch.float16, device="cuda")
     q = torch.empty(M, 512, dtype=torch.int8, device="cuda")

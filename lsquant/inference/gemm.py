@@ -195,9 +195,10 @@ LN_FUSED_MAX_M = int(os.environ.get("LSQUANT_LN_GEMM_MAX_M", "64"))
 
 
 def ln_fused() -> bool:
-    """Whether Int8Linear.ln_call fuses the LayerNorm into the GEMM on CUDA: Triton available and the
-    environment variable LSQUANT_LN_GEMM not "0" (an override for comparisons)."""
-    if os.environ.get("LSQUANT_LN_GEMM", "1") == "0":
+    """Whether Int8Linear.ln_call fuses the LayerNorm into the GEMM on CUDA: the environment variable
+    LSQUANT_LN_GEMM=1 and Triton available. Opt-in until its speed is measured on a GPU (the kernel is tested
+    in Triton's interpreter and compiled for sm_90 on the CPU; bench/NOTES_engine.md has the pending run)."""
+    if os.environ.get("LSQUANT_LN_GEMM", "0") != "1":
         return False
     from . import gemm_triton
 
@@ -408,9 +409,9 @@ class Int8Linear:
         """``layer(quantize(LayerNorm(x), x_clip), residual)`` (a pre-LN sublayer's first linear), the values of
         ``ops.layer_norm_quant`` then ``layer``: x float (..., K), ln_weight / ln_bias (K,) of x's dtype.
 
-        On CUDA with at most :data:`LN_FUSED_MAX_M` rows (decoding) one Triton kernel does both: the LayerNorm
-        and the quantize in the GEMM's prologue, no int8 tensor in memory, one launch fewer (:func:`ln_fused`
-        says whether it is on). Its statistics are summed in another order than the LayerNorm kernel's, so an
+        On CUDA with at most :data:`LN_FUSED_MAX_M` rows (decoding), where :func:`ln_fused` (opt-in:
+        LSQUANT_LN_GEMM=1), one Triton kernel does both: the LayerNorm
+        and the quantize in the GEMM's prologue, no int8 tensor in memory, one launch fewer. Its statistics are summed in another order than the LayerNorm kernel's, so an
         input within an ulp of a rounding boundary may land on the neighbouring int8 level (measured in the
         tests); the GEMM and epilogue are the tiled kernel's. Otherwise, and if the fused kernel fails (one
         warning), the two kernels. q_out: int8 (..., K), given the quantized input as computed (tests)."""

@@ -336,11 +336,24 @@ def rank(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torc
     top_i = torch.empty(B, k, dtype=torch.int64, device=val.device)
     if B == 0:
         return top_s, top_i
+    if _rank_failed:
+        return rank_ref(val, tok, beams, V)
     import triton
 
-    _build(_interpret())[3][(B,)](val, tok, top_s, top_i, V, K * W, W, K2=k,
-                                  BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4)
+    try:
+        _build(_interpret())[3][(B,)](val, tok, top_s, top_i, V, K * W, W, K2=k,
+                                      BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4)
+    except Exception as e:   # a kernel that cannot run here (a Triton change, say) must not stop the search
+        import warnings
+
+        warnings.warn(f"lsquant rough_topk.rank kernel failed ({type(e).__name__}: {e}); using topk from now on",
+                      RuntimeWarning, stacklevel=2)
+        _rank_failed.append(True)
+        return rank_ref(val, tok, beams, V)
     return top_s, top_i
+
+
+_rank_failed: list = []   # non-empty once the rank kernel failed in this process
 
 
 def rank_ref(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
