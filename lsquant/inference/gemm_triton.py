@@ -656,6 +656,31 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
 
 
+def _operands(x2, w, alpha, bias32, act: int, out_dtype: torch.dtype, out_inv, residual):
+    """What every launcher passes: x2 and w with unit column stride, the output (M, N), the epilogue's pointer
+    arguments (alpha, bias, 1/scale of an int8 output, residual and its row stride; a dummy for each one
+    absent) and its constexprs."""
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    M, N = x2.shape[0], w.shape[0]
+    if residual is not None:
+        from .gemm import _check_residual
+
+        _check_residual(residual, out_dtype, (M, N), x2.device)
+        if residual.stride(-1) != 1:
+            residual = residual.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
+    d = _dummy(x2.device)
+    kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
+    ptrs = (alpha if alpha is not None else d, bias32 if bias32 is not None else d,
+            out_inv if out_inv is not None else d, residual if residual is not None else d,
+            residual.stride(0) if residual is not None else 0)
+    epi = dict(HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, HAS_RES=residual is not None)
+    return x2, w, out, ptrs, epi
+
+
 def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None, bias32: torch.Tensor | None,
                        act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -666,27 +691,12 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     ``residual + y`` (see :mod:`lsquant.inference.gemm`); read, never written."""
     import triton
 
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if w.stride(-1) != 1:
-        w = w.contiguous()
+    x2, w, out, (alpha_, bias_, inv_, res_, stride_r), epi = _operands(x2, w, alpha, bias32, act, out_dtype, out_inv,
+                                                                      residual)
     M, K = x2.shape
     N = w.shape[0]
-    kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
-    if residual is not None:
-        from .gemm import _check_residual
-
-        _check_residual(residual, out_dtype, (M, N), x2.device)
-        if residual.stride(-1) != 1:
-            residual = residual.contiguous()
-    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
-    d = _dummy(x2.device)
     c = config
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    epi = dict(HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, HAS_RES=residual is not None)
-    alpha_, bias_, inv_ = (alpha if alpha is not None else d, bias32 if bias32 is not None else d,
-                           out_inv if out_inv is not None else d)
-    res_, stride_r = (residual, residual.stride(0)) if residual is not None else (d, 0)
     kernel_kind = c.get("KERNEL", "tiled")
     kernels = _kernels()
 
@@ -746,31 +756,17 @@ def int8_ln_linear_triton(x2: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tens
     num_stages). q_out: int8 (M, K), written with the quantized input (tests)."""
     import triton
 
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if w.stride(-1) != 1:
-        w = w.contiguous()
+    x2, w, out, (alpha_, bias_, inv_, res_, stride_r), epi = _operands(x2, w, alpha, bias32, act, out_dtype, out_inv,
+                                                                      residual)
     M, K = x2.shape
     N = w.shape[0]
-    kind = 0 if out_dtype == torch.int32 else (1 if out_dtype == torch.int8 else 2)
-    if residual is not None:
-        from .gemm import _check_residual
-
-        _check_residual(residual, out_dtype, (M, N), x2.device)
-        if residual.stride(-1) != 1:
-            residual = residual.contiguous()
-    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
-    d = _dummy(x2.device)
     c = config
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    res_, stride_r = (residual, residual.stride(0)) if residual is not None else (d, 0)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _kernels()["ln_tiled"][grid](
-        x2, ln_w, ln_b, x_inv, float(eps), w, out, alpha if alpha is not None else d,
-        bias32 if bias32 is not None else d, out_inv if out_inv is not None else d, res_,
-        q_out if q_out is not None else d, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r,
-        HAS_BIAS=bias32 is not None, ACT=act, OUT_KIND=kind, HAS_RES=residual is not None, WRITE_Q=q_out is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K), num_warps=c["num_warps"],
+        x2, ln_w, ln_b, x_inv, float(eps), w, out, alpha_, bias_, inv_, res_,
+        q_out if q_out is not None else _dummy(x2.device), M, N, K, x2.stride(0), w.stride(0), out.stride(0),
+        stride_r, **epi, WRITE_Q=q_out is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K), num_warps=c["num_warps"],
         num_stages=c["num_stages"], enable_fp_fusion=False)
     return out
 
