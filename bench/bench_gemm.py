@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/gemm_<gpu>.csv)")
     ap.add_argument("--cache", default=None, help="tuning cache to write (default: the user's cache)")
     ap.add_argument("--iters", type=int, default=20, help="calls per timed graph (default 20)")
-    ap.add_argument("--backends", default="cublaslt,triton,dequant")
+    ap.add_argument("--backends", default="cublaslt,triton,dequant,cutlass")
+    ap.add_argument("--m", type=int, nargs="+", default=None, help=f"token counts (default {M_GRID})")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -114,7 +115,7 @@ def main() -> int:
         info["triton"] = ""
     cache = T.TuningCache(args.cache) if args.cache else T.global_cache()
     models = {"transformer-big": MODELS["transformer-big"]} if args.quick else MODELS
-    m_list = M_QUICK if args.quick else M_GRID
+    m_list = args.m or (M_QUICK if args.quick else M_GRID)
     backends = tuple(args.backends.split(","))
     warm_gpu(2.0)
     done: dict[tuple[int, int, int], dict] = {}

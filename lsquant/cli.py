@@ -98,7 +98,8 @@ def _cmd_tune(sub) -> None:
     p.add_argument("--activation", default="none", choices=["none", "relu", "gelu"],
                    help="fused activation used while timing (default none)")
     p.add_argument("--no-bias", action="store_true", help="time without the bias add")
-    p.add_argument("--backends", default="cublaslt,triton,dequant", help="candidate families (default %(default)s)")
+    p.add_argument("--backends", default="cublaslt,triton,dequant,cutlass",
+                   help="candidate families (default %(default)s; cutlass where its headers and nvcc are here)")
     p.add_argument("--cache", default=None, help="tuning cache JSON (default $LSQUANT_GEMM_CACHE or "
                                                  "~/.cache/lsquant/gemm_tuning.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -3,7 +3,9 @@
 # the beam ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the search
 # benchmark (eager and graphed), the engines end to end (base: int8 fused / not fused / fused up to 128 rows, fp16;
 # big: int8 and fp16) and the per-kernel profile. Logs and CSVs packed in $OUT/round.tgz.
-#   bash scripts/gpu_round.sh
+#   bash scripts/gpu_round.sh engine     (~8 min; the default)
+#   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
+#       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 with it as a candidate
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/lsquant_gpu_out}
@@ -23,6 +25,8 @@ bench() {  # name, env assignments..., -- bench_engine arguments...
     --out "$W/engine_$name.csv" "$@"
   grep -v "^\[" "$W/engine_$name.log" | grep "tok/s" | sed 's/^/   /'
 }
+PART=${1:-engine}
+if [ "$PART" = engine ]; then
 run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py \
   tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
@@ -34,4 +38,13 @@ run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/p
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
 bench big LSQUANT_LN_GEMM=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench base_fused128 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
+else
+pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1
+run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available()); \
+g.library(); print('built', g.library_path())"
+run cutlass_tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm_cutlass.py
+grep -E "^(FAILED|ERROR)" "$W/cutlass_tests.log" | head -10
+run gemm_bench 330 python3 bench/bench_gemm.py --m 2048 8192 16384 --out "$W/gemm.csv" --cache "$W/tune.json"
+tail -8 "$W/gemm_bench.log"
+fi
 rm -rf "$W"

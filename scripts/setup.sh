@@ -28,4 +28,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -q -e ".[test]"
+# CUTLASS's headers (for the test that compiles csrc/cutlass for sm_90a); --no-deps: only the files are used, not
+# the package's Python interface (which would pull cuda-python, scipy, ...)
+$PIP install -q --no-deps "nvidia-cutlass==4.2.0.0"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, lsquant; print("lsquant", lsquant.__version__, "torch", torch.__version__)'))"

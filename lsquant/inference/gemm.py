@@ -244,6 +244,10 @@ def choice_name(choice: dict) -> str:
         if not a:
             return "cublaslt:default" + chunk
         return f"cublaslt:a{a[0]}-t{a[1]}-s{a[2]}-k{a[3]}" + (f"-c{a[8]}" if len(a) > 8 and a[8] else "") + chunk
+    if b == "cutlass":
+        from .gemm_cutlass import CONFIGS
+
+        return f"cutlass:{CONFIGS[choice['config']]}"
     if b == "triton":
         c = choice["config"]
         return (f"triton:{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}-w{c['num_warps']}-s{c['num_stages']}"
@@ -530,6 +534,12 @@ def run_choice(layer: Int8Linear, x2: torch.Tensor, choice: dict, residual: torc
                                   layer.out_dtype, layer.out_inv_t, choice["config"], residual)
     if backend == "dequant":
         return _run_dequant(layer, x2, residual)
+    if backend == "cutlass":
+        from .gemm_cutlass import int8_gemm_cutlass
+
+        y = int8_gemm_cutlass(x2, layer.weight, layer.alpha, layer.bias32, ACTIVATIONS[layer.activation],
+                              layer.out_dtype, choice["config"])
+        return _add_residual(y, residual)
     raise ValueError(f"unknown int8 GEMM backend {backend!r}")
 
 

@@ -324,7 +324,26 @@ def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: 
     return out
 
 
-def candidates(M: int, N: int, K: int, out_dtype: torch.dtype, backends=("cublaslt", "triton", "dequant"),
+# every backend the tuner knows; each is skipped where it is not available
+BACKENDS = ("cublaslt", "triton", "dequant", "cutlass")
+# the CUTLASS kernels (tiles of 64-128 rows, one warpgroup pair per SM) are for the large-M shapes: at decoding's
+# row counts the Triton split-K and tiled kernels fit
+CUTLASS_MIN_M = 128
+
+
+def cutlass_candidates(M: int, N: int, K: int, out_dtype: torch.dtype) -> list[dict]:
+    """The CUTLASS configs where they can run: bf16 / fp16 outputs, M >= CUTLASS_MIN_M, K % 16 == 0, N % 8 == 0,
+    an sm_90 GPU with nvcc and the CUTLASS headers (lsquant.inference.gemm_cutlass.available)."""
+    from . import gemm_cutlass
+
+    if out_dtype not in (torch.bfloat16, torch.float16) or M < CUTLASS_MIN_M or K % 16 or N % 8:
+        return []
+    if not gemm_cutlass.available():
+        return []
+    return [{"backend": "cutlass", "config": i} for i in range(len(gemm_cutlass.CONFIGS))]
+
+
+def candidates(M: int, N: int, K: int, out_dtype: torch.dtype, backends=BACKENDS,
                n_triton: int = 6, n_heuristic: int = 8, n_enumerated: int = 8) -> list[dict]:
     """Kernel choices to try for this shape, the default (:func:`~lsquant.inference.gemm.default_choice` of
     M: the Triton tiled kernel for M <= 64 where Triton is available) first, then the cuBLASLt default."""
@@ -340,6 +359,8 @@ def candidates(M: int, N: int, K: int, out_dtype: torch.dtype, backends=("cublas
         cands += triton_candidates(M, N, K, out_dtype, n_triton)
     if "dequant" in backends and out_dtype in (torch.float16, torch.bfloat16):
         cands.append({"backend": "dequant"})
+    if "cutlass" in backends:
+        cands += cutlass_candidates(M, N, K, out_dtype)
     return cands
 
 
@@ -527,7 +548,7 @@ class TuneResult:
 
 
 def tune_shape(M: int, N: int, K: int, out_dtype: torch.dtype = torch.bfloat16, activation: str = "none",
-               has_bias: bool = True, backends=("cublaslt", "triton", "dequant"), quick_iters: int = 5,
+               has_bias: bool = True, backends=BACKENDS, quick_iters: int = 5,
                final_iters: int = 20, top: int = 3, problem: Problem | None = None) -> TuneResult:
     """Tune one shape; never raises because of a candidate (failures are recorded in ``rejected``)."""
     if activation not in ACTIVATIONS:
@@ -627,7 +648,7 @@ def model_shapes(hidden: int, ffn: int | None = None, vocab: int | None = None, 
 def tune_model(hidden: int, ffn: int | None = None, vocab: int | None = None, heads: int | None = None,
                tokens=(1, 8, 64, 512, 2048, 8192), out_dtype: torch.dtype = torch.bfloat16,
                activation: str = "none", has_bias: bool = True, cache: TuningCache | None = None,
-               progress: bool = True, backends=("cublaslt", "triton", "dequant"), print_fn=print) -> list[TuneResult]:
+               progress: bool = True, backends=BACKENDS, print_fn=print) -> list[TuneResult]:
     """Tune every linear shape of a model config for each token count; save the cache (atomically, after
     each shape so an interruption keeps the work done); print a summary table. Returns the results."""
     if not torch.cuda.is_available():
