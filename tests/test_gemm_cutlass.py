@@ -93,3 +93,22 @@ def test_the_tuner_times_and_checks_it():
     names = [f"cutlass:{c}" for c in C.CONFIGS]
     assert not [n for n in names if n in r.rejected], r.rejected
     assert all(n in r.timings for n in names)
+
+
+def test_a_failed_build_is_not_retried(monkeypatch, tmp_path):
+    """One nvcc failure per process: later calls raise the same error at once (the tuner asks per candidate)."""
+    calls = []
+    monkeypatch.setattr(C, "_build_error", [])
+    monkeypatch.setattr(C, "include_dirs", lambda: [str(tmp_path)])
+    monkeypatch.setattr(C, "nvcc", lambda: "/bin/false")
+    monkeypatch.setattr(C, "library_path", lambda: tmp_path / "lib.so")
+    monkeypatch.setattr(C, "build_command", lambda out: calls.append(out) or ["/bin/false"])
+    C.library.cache_clear()
+    try:
+        for _ in range(3):
+            with pytest.raises(C.CutlassError, match="nvcc failed"):
+                C.library()
+    finally:
+        C.library.cache_clear()
+    assert len(calls) == 1
+    assert not (tmp_path / "lib.so").exists() and not list(tmp_path.glob("*.so"))   # no half-written library

@@ -89,9 +89,23 @@ def library_path() -> Path:
     return cache / f"int8_gemm_sm90-{h.hexdigest()[:16]}.so"
 
 
+_build_error: list = []   # the first build failure of this process: raised again without another 1.5-minute try
+
+
 @functools.lru_cache(maxsize=1)
 def library() -> ctypes.CDLL:
-    """The compiled library (built on first use if not cached). Raises CutlassError if it cannot be built."""
+    """The compiled library (built on first use if not cached). Raises CutlassError if it cannot be built, then
+    on every later call in this process without trying again."""
+    if _build_error:
+        raise CutlassError(_build_error[0])
+    try:
+        return _load()
+    except (CutlassError, OSError) as e:
+        _build_error.append(str(e))
+        raise CutlassError(str(e)) from e
+
+
+def _load() -> ctypes.CDLL:
     if include_dirs() is None or nvcc() is None:
         raise CutlassError("the CUTLASS kernels need nvcc and the CUTLASS headers (pip install nvidia-cutlass)")
     path = library_path()
