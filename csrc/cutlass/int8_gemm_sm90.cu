@@ -111,8 +111,8 @@ using Coop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using EpiPing = cutlass::epilogue::TmaWarpSpecialized;
 using EpiCoop = cutlass::epilogue::TmaWarpSpecializedCooperative;
 
-// the configs (index = config id): ping-pong 64 x 128 and 128 x 128 tiles (K step 128 bytes), and cooperative
-// 128 x 256 for the large compute-bound shapes
+// the configs (index = config id): ping-pong 64 x 128 and 128 x 128 tiles (K step 128 bytes), cooperative
+// 128 x 256 for the large compute-bound shapes, and the last two with clusters of 2 CTAs along M
 template <template <class> class Act, class D>
 int dispatch(int config, const void* x, const void* w, void* y, const float* alpha, const float* bias, int M, int N,
              int K, void* ws, size_t ws_bytes, cudaStream_t s) {
@@ -126,6 +126,12 @@ int dispatch(int config, const void* x, const void* w, void* y, const float* alp
     case 2:
       return Int8Gemm<Act, D, Shape<_128, _256, _128>, Shape<_1, _1, _1>, Coop, EpiCoop>::run(
           x, w, y, alpha, bias, M, N, K, ws, ws_bytes, s);
+    case 3:   // pairs of CTAs along M share each w tile through TMA multicast (half its L2 reads)
+      return Int8Gemm<Act, D, Shape<_128, _128, _128>, Shape<_2, _1, _1>, PingPong, EpiPing>::run(
+          x, w, y, alpha, bias, M, N, K, ws, ws_bytes, s);
+    case 4:
+      return Int8Gemm<Act, D, Shape<_128, _256, _128>, Shape<_2, _1, _1>, Coop, EpiCoop>::run(
+          x, w, y, alpha, bias, M, N, K, ws, ws_bytes, s);
     default:
       return 5;
   }
@@ -135,7 +141,7 @@ int dispatch(int config, const void* x, const void* w, void* y, const float* alp
 
 extern "C" {
 
-int lsq_cutlass_num_configs() { return 3; }
+int lsq_cutlass_num_configs() { return 5; }
 
 // out_kind 0 bf16, 1 fp16; act 0 none, 1 relu. -> 0 ok, else the failure code of Int8Gemm::run (5: bad config,
 // 6: bad kind)

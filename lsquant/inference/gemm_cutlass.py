@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 # config id -> name (the order of the switch in the source)
-CONFIGS = ("pingpong-64x128x128", "pingpong-128x128x128", "coop-128x256x128")
+CONFIGS = ("pingpong-64x128x128", "pingpong-128x128x128", "coop-128x256x128", "pingpong-128x128x128-c2x1",
+           "coop-128x256x128-c2x1")
 _FLAGS = ["-std=c++17", "-O3", "-arch=sm_90a", "-fmad=false", "--expt-relaxed-constexpr", "-DNDEBUG", "-shared",
           "-Xcompiler", "-fPIC"]
 _ERRORS = {1: "cannot implement this shape (K % 16, N % 8 or alignment)", 2: "workspace too small",
