@@ -41,8 +41,8 @@ _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
 
 
 class _Normed:
-    """LayerNorm(x) not computed yet: what an int8 pre-LN sublayer hands its first linear, whose GEMM kernel
-    normalizes and quantizes x itself (Int8Linear.ln_call)."""
+    """LayerNorm(x) not computed yet: what an int8 pre-LN sublayer hands its first linear, which normalizes and
+    quantizes x itself (Int8Linear.ln_call: in its GEMM kernel where that fusion is on, else two kernels)."""
 
     def __init__(self, x: torch.Tensor, wb: tuple, eps: float = 1e-5):
         self.x, self.weight, self.bias, self.eps = x, wb[0], wb[1], eps
@@ -70,7 +70,7 @@ class _Linear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: float (..., K), or int8 when the previous kernel quantized it for this linear; residual: added to
         the output (int8 engine: in the GEMM's epilogue, the same values as adding after)."""
-        if isinstance(x, _Normed):   # int8, pre-LN: the LayerNorm and the quantize go into this GEMM's kernel
+        if isinstance(x, _Normed):   # int8, pre-LN: LayerNorm + quantize, then this GEMM (Int8Linear.ln_call)
             if residual is not None:
                 residual = residual.reshape(*x.x.shape[:-1], residual.shape[-1])
             return self.lin.ln_call(x.x, x.weight, x.bias, x.eps, residual=residual)
@@ -272,7 +272,7 @@ class _Engine:
         """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual) = residual + f(h) (the add in
         the last linear's epilogue). int8, pre-LN: h is LN(x) unevaluated, which f's first linear (qkv, cross_q,
         fc1) normalizes and quantizes itself (Int8Linear.ln_call: inside its GEMM kernel at decoding's row
-        counts on CUDA, else one LayerNorm-quantize kernel, then the GEMM)."""
+        counts on CUDA with LSQUANT_LN_GEMM=1, else one LayerNorm-quantize kernel, then the GEMM)."""
         if not self.cfg.pre_layer_norm:
             return self._ln(fn(x, x), L[ln])
         if self.int8:
