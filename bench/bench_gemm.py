@@ -96,7 +96,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/gemm_<gpu>.csv)")
     ap.add_argument("--cache", default=None, help="tuning cache to write (default: the user's cache)")
     ap.add_argument("--iters", type=int, default=20, help="calls per timed graph (default 20)")
-    ap.add_argument("--backends", default="cublaslt,triton,dequant,cutlass")
+    ap.add_argument("--backends", default=",".join(T.BACKENDS))
     ap.add_argument("--m", type=int, nargs="+", default=None, help=f"token counts (default {M_GRID})")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args()

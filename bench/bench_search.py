@@ -7,8 +7,8 @@ Rows N = batch x 4 beams for batch 1, 8, 32, 128; vocabulary 32000; fp16 logits 
 rotated so that the 64 KB-per-row logits do not all sit in L2 between calls); median of CUDA-event timings after
 warm-up, two ways: each call launched from Python (`us`: bench/common.time_cuda, which counts the host's launches
 when they are slower than the GPU) and each call replayed from a CUDA graph as the engines run it (`graph_us`:
-bench/common.time_cuda_graph, the GPU's time). The rough top-k includes its ranking topk over the slots
-(beam_topk).
+bench/common.time_cuda_graph, the GPU's time). The rough top-k includes its ranking of the collected slots
+(rough_topk.rank, as beam_topk runs it).
 """
 from __future__ import annotations
 

@@ -66,18 +66,7 @@ def time_cuda_graph(fn, inputs: list, warmup: int = 3, repeat: int = 50) -> floa
         with torch.cuda.graph(g):
             fn(*args)
         graphs.append(g)
-    for g in graphs:
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for i in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphs[i % len(graphs)].replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return time_cuda(torch.cuda.CUDAGraph.replay, [(g,) for g in graphs], warmup=len(graphs), repeat=repeat)
 
 
 def gpu_slug() -> str:

@@ -98,8 +98,9 @@ def _cmd_tune(sub) -> None:
     p.add_argument("--activation", default="none", choices=["none", "relu", "gelu"],
                    help="fused activation used while timing (default none)")
     p.add_argument("--no-bias", action="store_true", help="time without the bias add")
-    p.add_argument("--backends", default="cublaslt,triton,dequant,cutlass",
-                   help="candidate families (default %(default)s; cutlass where its headers and nvcc are here)")
+    p.add_argument("--backends", default=None,
+                   help="candidate families, comma-separated: cublaslt, triton, dequant, cutlass (default: all; "
+                        "each only where it can run)")
     p.add_argument("--cache", default=None, help="tuning cache JSON (default $LSQUANT_GEMM_CACHE or "
                                                  "~/.cache/lsquant/gemm_tuning.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -107,7 +108,7 @@ def _cmd_tune(sub) -> None:
     def run(args) -> int:
         import torch
 
-        from lsquant.inference.gemm_tuner import MODEL_PRESETS, TuningCache, tune_model
+        from lsquant.inference.gemm_tuner import BACKENDS, MODEL_PRESETS, TuningCache, tune_model
 
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "int8": torch.int8,
                   "int32": torch.int32}
@@ -125,7 +126,8 @@ def _cmd_tune(sub) -> None:
             tune_model(hidden, args.ffn or ffn, vocab if args.vocab is None else args.vocab, args.heads or heads,
                        tokens=tokens, out_dtype=dtypes[args.out_dtype], activation=args.activation,
                        has_bias=not args.no_bias, cache=TuningCache(args.cache) if args.cache else None,
-                       progress=not args.no_progress, backends=tuple(args.backends.split(",")))
+                       progress=not args.no_progress,
+                       backends=tuple(args.backends.split(",")) if args.backends else BACKENDS)
         except (RuntimeError, ValueError) as e:
             print(f"lsquant tune: {e}", file=sys.stderr)
             return 1

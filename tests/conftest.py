@@ -1,6 +1,9 @@
 """Shared fixtures. Tests marked ``cuda`` run only where PyTorch sees a GPU (they build the extension on
 first use) and are skipped cleanly elsewhere."""
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,20 +70,16 @@ def interpreter_mode():
                 m._build.cache_clear()  # the next (compiled) caller rebuilds its own kernels
 
 
-def _language_objects():
-    import triton.language as tl
-
-    # what the interpreter's _patch_lang patches: the language modules, the tensor classes and tl.math
-    return (tl, tl.core, tl.core.tensor, tl.math, tl.core.tensor_descriptor_base)
-
-
 @contextlib.contextmanager
 def triton_language_restored():
     """Put triton.language back as it was on exit. Triton 3.6's interpreter patches the language for each
     interpreted jit function a kernel calls (tl.max, tl.cumsum: functions whose globals hold triton.language.core)
     and never restores those patches, so a kernel compiled for the GPU later in the same process lowers through the
     interpreter's builder and fails ('ir.value' object has no attribute 'dtype')."""
-    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    import triton.language as tl
+
+    # what the interpreter's _patch_lang patches: the language modules, the tensor classes and tl.math
+    saved = [(obj, dict(vars(obj))) for obj in (tl, tl.core, tl.core.tensor, tl.math, tl.core.tensor_descriptor_base)]
     try:
         yield
     finally:
@@ -93,3 +92,13 @@ def triton_language_restored():
 
 
 _MISSING = object()
+
+
+def compile_in_fresh_process(code: str) -> None:
+    """Run ``code`` (Triton compiles for sm_90 there, no GPU needed; it prints "compiled" at its end) in a fresh
+    Python without TRITON_INTERPRET and with every kernel compiled, not taken from Triton's cache; fail with its
+    stderr if it does not finish."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_ALWAYS_COMPILE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -6,15 +6,13 @@ may sit one level away where LayerNorm(x) / scale lies within an ulp of a roundi
 often (and by how much), and check the GEMM part bit for bit from the int8 input the kernel says it used."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lsquant import ops
 from lsquant.inference import gemm as G
+
+from conftest import compile_in_fresh_process
 
 EPS = 1e-5
 # the interpreter runs every program one after another: small tiles, two column tiles and a partial K block
@@ -121,7 +119,6 @@ def test_ln_fused_follows_the_environment(monkeypatch):
 def test_fused_kernel_compiles_for_sm90():
     """The compiled path lowers the fused kernel for an H100 (PTX and ptxas, no GPU needed), fp16 and bf16, with
     the default tiled config the engines use; in a fresh process with an empty cache."""
-    pytest.importorskip("triton")
     code = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -143,9 +140,7 @@ for dt, out, kind in (("fp16", "*fp16", 2), ("bf16", "*bf16", 2), ("fp16", "*i8"
     assert ck.asm["cubin"], dt
 print("compiled")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_ALWAYS_COMPILE": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_in_fresh_process(code)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------

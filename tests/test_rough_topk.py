@@ -6,10 +6,6 @@ check is tied to fp32: the kernels' error against an fp64 log-softmax is at most
 (plus one ulp of the largest value), and the selection is exact: every extension whose reference value is
 above the 2K-th by more than that tolerance is selected, and every selected index points at an extension of
 the value returned."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -17,7 +13,7 @@ from torch.nn import functional as F
 from lsquant.inference import decoding, rough_topk
 from lsquant.inference.decoding import log_probs
 
-from conftest import interpreter_mode
+from conftest import compile_in_fresh_process, interpreter_mode
 
 EOS = 2
 NEG = float("-inf")
@@ -252,9 +248,8 @@ def test_rank_equals_topk_in_the_interpreter(interp, kind, B, K, W):
 
 def test_kernels_compile_for_sm90():
     """The compiled path (not the interpreter) lowers the four kernels for an H100: PTX and ptxas, no GPU needed. In a
-    fresh process: Triton 3.6's interpreter leaves triton.language.core patched after a kernel calls a jit
-    function (tl.max, tl.cumsum), so a kernel compiled later in a process that ran interpreter tests fails."""
-    pytest.importorskip("triton")
+    fresh process without TRITON_INTERPRET, every kernel compiled (no cache); the same process after interpreted
+    kernels is test_kernels_compile_after_the_interpreter_ran."""
     code = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -285,9 +280,7 @@ for K, dt, P in ((1, "fp32", 1), (5, "bf16", 8)):
     assert k.asm["cubin"], (K, "rank")
 print("compiled")
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_ALWAYS_COMPILE": "1"}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    compile_in_fresh_process(code)
 
 
 def test_kernels_compile_after_the_interpreter_ran(monkeypatch, tmp_path):

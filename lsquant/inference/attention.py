@@ -32,7 +32,7 @@ import torch
 from lsquant import ops
 from lsquant.quant.ref import scale_and_inv
 
-from .gemm_triton import _interpret
+from .gemm_triton import _dummy, _interpret
 
 
 def use_kernel(t: torch.Tensor) -> bool:
@@ -197,19 +197,6 @@ def _kernel():
     return _build(_interpret())
 
 
-_dummies: dict = {}
-
-
-def _dummy(device) -> torch.Tensor:
-    """Two fp32 zeros per device for the pointer arguments a launch does not use (no int8 cache, float output):
-    allocated once, not per call, since a tensor made during a CUDA-graph capture is a fill kernel that every
-    replay runs again (12 a decoder step of a 6-layer model)."""
-    t = _dummies.get(device)
-    if t is None:
-        t = _dummies[device] = torch.zeros(2, dtype=torch.float32, device=device)
-    return t
-
-
 def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool, nhead: int):
     import triton
 
@@ -217,7 +204,7 @@ def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool,
     D = H // nhead
     int8_out = out_inv is not None
     out = torch.empty(N, H, dtype=torch.int8 if int8_out else q.dtype, device=q.device)
-    dummy = _dummy(q.device)
+    dummy = _dummy(q.device)   # kv scales (no int8 cache) and out_inv (float output) unused
     kv_scale, kv_inv = kv if kv is not None else (dummy, dummy)
     BLOCK_D = triton.next_power_of_2(D)
     _kernel()[(N, nhead)](

@@ -414,10 +414,10 @@ class Int8Linear:
         ``ops.layer_norm_quant`` then ``layer``: x float (..., K), ln_weight / ln_bias (K,) of x's dtype.
 
         On CUDA with at most :data:`LN_FUSED_MAX_M` rows (decoding), where :func:`ln_fused` (opt-in:
-        LSQUANT_LN_GEMM=1), one Triton kernel does both: the LayerNorm
-        and the quantize in the GEMM's prologue, no int8 tensor in memory, one launch fewer. Its statistics are summed in another order than the LayerNorm kernel's, so an
-        input within an ulp of a rounding boundary may land on the neighbouring int8 level (measured in the
-        tests); the GEMM and epilogue are the tiled kernel's. Otherwise, and if the fused kernel fails (one
+        LSQUANT_LN_GEMM=1), one Triton kernel does both: the LayerNorm and the quantize in the GEMM's prologue,
+        no int8 tensor in memory, one launch fewer. Its statistics are summed in another order than the
+        LayerNorm kernel's, so an input within an ulp of a rounding boundary may land on the neighbouring int8
+        level (measured in the tests); the GEMM and epilogue are the tiled kernel's. Otherwise, and if the fused kernel fails (one
         warning), the two kernels. q_out: int8 (..., K), given the quantized input as computed (tests)."""
         if x.shape[-1] != self.K:
             raise ValueError(f"x has {x.shape[-1]} features, the weight expects {self.K}")

@@ -61,6 +61,8 @@ def include_dirs() -> list[str] | None:
 
 
 def nvcc() -> str | None:
+    """$CUDA_HOME/bin/nvcc (or $CUDA_PATH's), else nvcc on PATH. Not torch.utils.cpp_extension.CUDA_HOME: a CPU
+    build of PyTorch leaves that None, and the sm_90a compile test runs on CPU machines."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").is_file():
         return str(Path(home) / "bin" / "nvcc")
@@ -129,17 +131,6 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
-_WORKSPACE_BYTES = 1 << 20
-_workspaces: dict = {}
-
-
-def _workspace(device: torch.device) -> torch.Tensor:
-    t = _workspaces.get(device)
-    if t is None:
-        t = _workspaces[device] = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-    return t
-
-
 def int8_gemm_cutlass(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias32: torch.Tensor | None,
                       act: int, out_dtype: torch.dtype, config: int) -> torch.Tensor:
     """x2 int8 (M, K) times w int8 (N, K) -> (M, N) bf16 / fp16 = act(fp32(acc) * alpha + bias) (gemm.py's
@@ -161,7 +152,9 @@ def int8_gemm_cutlass(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bi
     out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
     if any(t.data_ptr() % 16 for t in (x2, w, out)):
         raise CutlassError("the CUTLASS kernel needs 16-byte aligned operands")
-    ws = _workspace(x2.device)
+    from .gemm import _workspace
+
+    ws = _workspace(x2.device)   # cuBLASLt's, per device: calls on one stream run one after another
     rc = library().lsq_cutlass_int8_gemm(
         config, 0 if out_dtype == torch.bfloat16 else 1, act, x2.data_ptr(), w.data_ptr(), out.data_ptr(),
         alpha.data_ptr(), bias32.data_ptr() if bias32 is not None else None, M, N, K, ws.data_ptr(), ws.numel(),

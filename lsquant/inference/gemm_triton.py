@@ -258,7 +258,7 @@ def _build(interpret: bool) -> dict:
     # Kernels resolve the names they use in this module's globals (the interpreter does not see closures),
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
-    global triton, tl, _quant, _epilogue, _tile_coords, _store_part
+    global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part
     import triton
     import triton.language as tl
 
@@ -316,6 +316,14 @@ def _build(interpret: bool) -> dict:
         return pid_m, pid_n
 
     @triton.jit
+    def _tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # the tile's rows and columns, and the same with those out of range replaced by 0: out-of-range
+        # rows/columns load row 0 (valid memory) and are masked at the store
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_m, offs_n, tl.where(offs_m < M, offs_m, 0), tl.where(offs_n < N, offs_n, 0)
+
+    @triton.jit
     def int8_linear_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, M, N, K, stride_xm,
                            stride_wn, stride_om, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                            OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -323,12 +331,8 @@ def _build(interpret: bool) -> dict:
                            EVEN_K: tl.constexpr):
         pid = tl.program_id(0)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        # out-of-range rows/columns load row 0 (valid memory) and are masked at the store
-        rm = tl.where(offs_m < M, offs_m, 0)
-        rn = tl.where(offs_n < N, offs_n, 0)
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -420,14 +424,9 @@ def _build(interpret: bool) -> dict:
         # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // num_pid_n
-        pid_n = pid % num_pid_n
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 1)   # row-major tile order
+        offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        rm = tl.where(offs_m < M, offs_m, 0)
-        rn = tl.where(offs_n < N, offs_n, 0)
         k0 = pid_k * k_per_split
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
@@ -474,15 +473,9 @@ def _build(interpret: bool) -> dict:
         # the first column tile also store the int8 input they computed into q (M, K) (tests). The statistics
         # walk K in LN_BLOCK chunks, a function of K alone, so a row's values do not depend on the tile config
         # (which tuning may change).
-        pid = tl.program_id(0)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // num_pid_n
-        pid_n = pid % num_pid_n
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 1)
+        offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        rm = tl.where(offs_m < M, offs_m, 0)
-        rn = tl.where(offs_n < N, offs_n, 0)
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
         offs_l = tl.arange(0, LN_BLOCK)
         s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -600,9 +593,12 @@ _dummies: dict = {}
 
 
 def _dummy(device) -> torch.Tensor:
+    """Two fp32 zeros per device for the pointer arguments a launch does not use (here and in the decode
+    attention): allocated once, not per call, since a tensor made during a CUDA-graph capture is a fill kernel
+    that every replay runs again."""
     t = _dummies.get(device)
     if t is None:
-        t = _dummies[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        t = _dummies[device] = torch.zeros(2, dtype=torch.float32, device=device)
     return t
 
 
@@ -766,8 +762,8 @@ def int8_ln_linear_triton(x2: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tens
     _kernels()["ln_tiled"][grid](
         x2, ln_w, ln_b, x_inv, float(eps), w, out, alpha_, bias_, inv_, res_,
         q_out if q_out is not None else _dummy(x2.device), M, N, K, x2.stride(0), w.stride(0), out.stride(0),
-        stride_r, **epi, WRITE_Q=q_out is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K), num_warps=c["num_warps"],
-        num_stages=c["num_stages"], enable_fp_fusion=False)
+        stride_r, **epi, WRITE_Q=q_out is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
     return out
 
 

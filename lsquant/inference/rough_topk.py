@@ -4,7 +4,7 @@ Plain beam search ranks, per sentence, the 2K best of score[beam] + log_softmax(
 K x V (beam, token) pairs. The PyTorch path (``log_probs`` + ``cand.topk``) materialises that as fp32 [N, V]
 tensors: at N = 512 rows (batch 128 x 4 beams), V = 32000 each one is 65.5 MB, and the step writes or reads
 about seven of them (cast, log-softmax, masks, the add, topk): ~0.5 GB a step. Here three kernels read the
-logits twice and write a few bytes per row. Passes 1 and 2 run P programs per row, each over a slice of
+logits twice and write a few bytes per row, and a fourth ranks the collected slots. Passes 1 and 2 run P programs per row, each over a slice of
 S = ceil(V / P) logits (rounded up to whole 1,024-logit tiles; P from :func:`slices`): with few rows (decoding at
 batch <= 32) one program per row would leave most SMs idle while it walks 32,000 logits in 32 dependent steps.
 
@@ -23,7 +23,9 @@ batch <= 32) one program per row would leave most SMs idle while it walks 32,000
   collected slot, in place: the operations of F.log_softmax and the add of the update in the same fp32 order;
   unused slots -inf. If a slice had more than CAP values at T (ties, flat rows), the program recomputes the
   row's exact top 2K by 2K argmax-below sweeps (never a silently wrong result).
-- torch: topk(2K) over each sentence's K x P x CAP slots -> (top_s, top_i = beam * V + token).
+- ``_rank`` (one program per sentence, :func:`rank`): the 2K best of the sentence's K x P x CAP slots, best
+  first -> (top_s, top_i = beam * V + token); ``rank_ref`` (topk over the slots) is its reference and its
+  fallback.
 
 Bytes at N = 512, V = 32000, K = 4 (P = 1), fp16 logits: 2 x 32.8 MB read (the second read mostly from L2: 50
 MB on an H100) and N x (12 + CAP x 8) = 137 KB written (CAP = 32), against ~0.5 GB.
@@ -34,8 +36,8 @@ with the PyTorch path to a few fp32 ulps (~1e-6 at values ~10), not bit for bit 
 log-softmax differ by as much). The selection itself is exact: the kept values are the 2K largest of the values
 this path computes.
 
-Ties: among equal values topk (over the slots, listed beam by beam, token ascending within a beam) decides
-which are kept at the 2K-th place and their order; in the overflow fallback a row keeps its lowest token ids
+Ties: among equal values the first slot wins (slots listed beam by beam, slice by slice, token ascending
+within a slice), at the 2K-th place and in the order; in the overflow fallback a row keeps its lowest token ids
 among values equal at its own 2K-th place. A -inf result (a dead beam, or fewer than 2K finite extensions)
 may carry any valid index (token 0 for unused slots), as in the PyTorch path, where such entries only give
 tokens to dead beams.

@@ -70,12 +70,11 @@ class _Linear:
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: float (..., K), or int8 when the previous kernel quantized it for this linear; residual: added to
         the output (int8 engine: in the GEMM's epilogue, the same values as adding after)."""
-        if isinstance(x, _Normed):   # int8, pre-LN: LayerNorm + quantize, then this GEMM (Int8Linear.ln_call)
-            if residual is not None:
-                residual = residual.reshape(*x.x.shape[:-1], residual.shape[-1])
-            return self.lin.ln_call(x.x, x.weight, x.bias, x.eps, residual=residual)
+        normed = isinstance(x, _Normed)
         if residual is not None:
-            residual = residual.reshape(*x.shape[:-1], residual.shape[-1])
+            residual = residual.reshape(*(x.x if normed else x).shape[:-1], residual.shape[-1])
+        if normed:   # int8, pre-LN: LayerNorm + quantize, then this GEMM (Int8Linear.ln_call)
+            return self.lin.ln_call(x.x, x.weight, x.bias, x.eps, residual=residual)
         if self.int8:
             return self.lin(x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip), residual=residual)
         if residual is not None:
