@@ -13,6 +13,7 @@ from .quant import (  # noqa: E402  (the quantization core first: ops and layers
     dequantize,
     disable_quant,
     enable_quant,
+    exact_gemm,
     fake_quantize,
     qat_mode,
     quantize,
@@ -27,6 +28,6 @@ from .layers import (  # noqa: E402
 
 __all__ = [
     "__version__", "TensorQuantizer", "calibrate", "calibrate_mode", "dequantize", "disable_quant",
-    "enable_quant", "fake_quantize", "qat_mode", "quantize", "QuantLinear",
+    "enable_quant", "exact_gemm", "fake_quantize", "qat_mode", "quantize", "QuantLinear",
     "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEmbeddingLayer", "CrossEntropyLayer",
 ]

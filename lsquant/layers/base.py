@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lsquant.quant import QUANT, TensorQuantizer
+from lsquant.quant import QUANT, TensorQuantizer, exact_gemm_on
+from lsquant.quant.ref import quantize_ref
 
 ALIGN = 8  # elements: every view starts on a 16-byte boundary in fp16/bf16 (the kernels' vector loads)
 
@@ -105,6 +106,45 @@ class FlatParamLayer(nn.Module):
                                       error_msgs)
 
 
+def quant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, input_quantizer: TensorQuantizer,
+                 weight_quantizer: TensorQuantizer, prequantized: bool = False) -> torch.Tensor:
+    """``F.linear(input_quantizer(x), weight_quantizer(w), b)``: x (..., K), w (N, K) -> (..., N); prequantized: x
+    was already fake-quantized with input_quantizer's clip (by a fused kernel). Inside ``lsquant.exact_gemm()``
+    with both quantizers in quant mode, the same function on the int8 levels with exact dot products
+    (:func:`exact_quant_linear`)."""
+    if exact_gemm_on() and input_quantizer.mode == QUANT and weight_quantizer.mode == QUANT:
+        return exact_quant_linear(x, w, b, input_quantizer, weight_quantizer)
+    return F.linear(x if prequantized else input_quantizer(x), weight_quantizer(w), b)
+
+
+def exact_quant_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, input_quantizer: TensorQuantizer,
+                       weight_quantizer: TensorQuantizer) -> torch.Tensor:
+    """The fake-quant linear computed as the int8 engine computes it: levels = quantize(x), quantize(w) (the
+    project's rounding, lsquant.quant.ref), an exact integer GEMM, then ``fp32(acc) * alpha[n] + bias[n]`` rounded
+    to x's dtype (lsquant.inference.gemm.int8_linear_ref, the engine's oracle). x may already be fake-quantized: its
+    levels come back exactly (x_hat = level * scale rounded to x's dtype is within 2^-9 relative of it, bf16's
+    rounding, so x_hat * inv_scale lies within 127 * 2^-8 < 0.5 of the level). No gradient: evaluation only."""
+    from lsquant.inference.gemm import int8_linear_ref  # lsquant.inference imports the layers
+
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        raise RuntimeError("lsquant.exact_gemm() evaluates a quantized model and has no gradient: decode or "
+                           "evaluate under torch.no_grad(), and train outside exact_gemm()")
+    for q, t in ((input_quantizer, x), (weight_quantizer, w)):
+        if not q.is_initialized():
+            q(t)  # the quantizer's own "never set: run lsquant.calibrate" error
+    if input_quantizer.axis is not None:
+        raise ValueError(f"exact_gemm: {input_quantizer._name()} quantizes per channel; the int8 GEMM takes a "
+                         "per-tensor activation clip")
+    if weight_quantizer.axis is not None and weight_quantizer.axis % w.dim() != 0:
+        raise ValueError(f"exact_gemm: {weight_quantizer._name()} quantizes along axis {weight_quantizer.axis}; "
+                         "the int8 GEMM takes one weight clip per output channel (axis 0) or per tensor")
+    x_clip = input_quantizer.current_clip(x).detach().float()
+    w_clip = weight_quantizer.current_clip(w).detach().float().reshape(-1).expand(w.shape[0]).contiguous()
+    x_q = quantize_ref(x, x_clip)
+    w_q = quantize_ref(w, w_clip, 0)
+    return int8_linear_ref(x_q, w_q, x_clip, w_clip, b, out_dtype=x.dtype)
+
+
 class LinearQuant(nn.Module):
     """The quantizers of one linear: input (per-tensor, learnable clip set by calibration) and weight (per
     output channel, dynamic: the clip is the row's max |w| at every step). ``q(x, w, b)`` is
@@ -118,7 +158,7 @@ class LinearQuant(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                 prequantized: bool = False) -> torch.Tensor:
         """prequantized: x was already fake-quantized with input_quantizer's clip by a fused kernel."""
-        return F.linear(x if prequantized else self.input_quantizer(x), self.weight_quantizer(w), b)
+        return quant_linear(x, w, b, self.input_quantizer, self.weight_quantizer, prequantized)
 
     def fusable_input_clip(self, x: torch.Tensor) -> torch.Tensor | None:
         """The input clip when a kernel before this linear may fake-quantize for it (CUDA, quant mode, per-tensor,

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from lsquant import ops
 from lsquant.quant import TensorQuantizer
 
-from .base import FlatParamLayer, check_limits, ids_checked
+from .base import FlatParamLayer, check_limits, ids_checked, quant_linear
 from .config import EmbeddingConfig
 
 
@@ -103,4 +103,4 @@ class TransformerEmbeddingLayer(FlatParamLayer):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Output projection with the shared table: x (..., dim) -> logits (..., vocab_size)."""
-        return F.linear(self.proj_input_quantizer(x), self.table())
+        return quant_linear(x, self.w("embeddings"), None, self.proj_input_quantizer, self.emb_quantizer)

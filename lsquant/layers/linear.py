@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lsquant.quant import TensorQuantizer
+
+from .base import quant_linear
 
 
 class QuantLinear(nn.Linear):
@@ -33,4 +34,4 @@ class QuantLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return quant_linear(x, self.weight, self.bias, self.input_quantizer, self.weight_quantizer)

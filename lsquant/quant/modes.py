@@ -2,6 +2,9 @@
 lsquant layer (anything with ``set_quant_mode``); ``apply`` visits the whole tree."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from torch import nn
 
 from .quantizer import CALIBRATE, DISABLED, QUANT
@@ -32,3 +35,34 @@ def qat_mode(module: nn.Module) -> None:
     """enable_quant plus training mode for this module: ``model.apply(qat_mode)`` readies QAT fine-tuning."""
     _set(module, QUANT)
     module.training = True
+
+
+_exact = threading.local()
+
+
+@contextlib.contextmanager
+def exact_gemm(enabled: bool = True):
+    """Inside ``with lsquant.exact_gemm():`` every quantized linear (input and weight quantizers both in quant mode:
+    the lsquant layers, QuantLinear, the embedding's output projection) computes its GEMM on the int8 levels:
+
+        y = fp32(x_levels @ w_levels.T) * (x_scale * w_scale[n]) + bias    (each step one fp32 rounding)
+
+    the int8 engine's arithmetic (lsquant.inference.gemm, steps 1-3), on any device. It is the same function as the
+    fake-quant forward, F.linear(x_scale * x_levels, w_scale * w_levels, bias), with its dot products exact: a
+    fake-quant GEMM in fp32 rounds ~sqrt(K) partial sums, in an order that depends on the library, the device and
+    the GEMM's shape, and the next quantizer turns that noise into whole int8 steps near its rounding boundaries
+    (recipes/mt/RESULTS.md: the fake-quant model on CUDA reproduced its own greedy output, teacher-forced, on
+    97.7% of a test set). Exact dot products make a quantized model's output independent of summation order, so
+    it can be compared with the engine token for token. Evaluation only (no gradient): use it under
+    ``torch.no_grad()``. Not thread-crossing: it holds for the thread that entered it."""
+    saved = getattr(_exact, "on", False)
+    _exact.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _exact.on = saved
+
+
+def exact_gemm_on() -> bool:
+    """Whether this thread is inside :func:`exact_gemm`."""
+    return getattr(_exact, "on", False)
