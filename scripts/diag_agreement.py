@@ -4,6 +4,8 @@ Trains the translation recipe's model briefly (or reuses --run-dir's checkpoints
 (and its float model to fp16, as a control), then decodes one test split greedily with:
   the model on CUDA (fp32) and on the CPU (fp32), with quantization on (fake-quant) and off;
   the engine on CUDA (fp32 and fp16) and on the CPU (reference ops, fp32; the first --cpu-limit sentences).
+The int8 side also decodes with the fake-quant
+model's GEMMs on int8 levels (lsquant.exact_gemm: exact dot products, the engine's arithmetic; "exact_model_*").
 It prints the pairwise share of sentences with identical tokens, and, for the sentences where the CUDA model and
 the CUDA engine differ: the position of the first difference and the model's logit margin there between its own
 token and the engine's (a margin of ~0 is a near tie that any rounding flips; a large one is a real difference),
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import lsquant
 from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 from lsquant.models import Transformer
 from lsquant.recipes.mt.batching import collate, length_sorted_batches
@@ -29,10 +32,11 @@ from lsquant.recipes.mt.pipeline import (RecipeConfig, export, fp32_model, load_
                                          train)
 
 
-def decode_model(model, batches, dev):
+def decode_model(model, batches, dev, exact=False):
+    """exact: the fake-quant GEMMs on int8 levels (lsquant.exact_gemm)."""
     out = []
     model = model.to(dev)
-    with torch.no_grad():
+    with torch.no_grad(), lsquant.exact_gemm(exact):
         for ids in batches:
             out += [t for t in model.generate(ids.to(dev), "greedy")[0][:, 0].cpu()]
     return out
@@ -77,12 +81,12 @@ def margins(model, srcs, ours, theirs, cfg, dev):
     return res
 
 
-def teacher_forced_same(model, batches, outs, cfg, dev):
+def teacher_forced_same(model, batches, outs, cfg, dev, exact=False):
     """Share of outputs that the model's full (teacher-forced) forward over the same batches reproduces token
     for token by argmax: the incremental decoder (generate) against the full one."""
     same, k = 0, 0
     model = model.to(dev)
-    with torch.no_grad():
+    with torch.no_grad(), lsquant.exact_gemm(exact):
         for ids in batches:
             o = [strip(t, cfg.eos_id) for t in outs[k:k + ids.shape[0]]]
             k += ids.shape[0]
@@ -156,8 +160,12 @@ def main():
         for quant, mpath, epath, Eng in ((True, q, q8, QuantTransformer), (False, fp, f16, FloatEngine)):
             tag = "q" if quant else "f"
             m = fp32_model(mpath, quant)
+            exact = (((f"exact_model_cuda_{tag}", lambda: decode_model(m, batches, a.gpu, exact=True)),
+                      (f"exact_model_cpu_{tag}", lambda: decode_model(m, batches, "cpu", exact=True)))
+                     if quant else ())
             for name, fn in ((f"model_cuda_{tag}", lambda: decode_model(m, batches, a.gpu)),
                              (f"model_cpu_{tag}", lambda: decode_model(m, batches, "cpu")),
+                             *exact,
                              (f"engine_cuda32_{tag}", lambda: decode_engine(
                                  Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu, dtype=torch.float32),
                                  batches)),
@@ -184,15 +192,19 @@ def main():
 
         flat_src = [row for ids in batches for row in ids]  # each source as padded in its batch
         mq = fp32_model(q, True)
-        for dev in ("cuda", "cpu"):
-            tf = teacher_forced_same(mq, cpu_batches, outs[f"model_{dev}_q"][:cpu_n], mcfg, a.gpu if dev == "cuda" else dev)
-            report[f"teacher-forced argmax reproduces model_{dev}_q"] = round(tf, 4)
-            print(f"teacher-forced argmax reproduces model_{dev}_q greedy: {100 * tf:.1f}% of {cpu_n}", flush=True)
+        for pre in ("", "exact_"):
+            for dev in ("cuda", "cpu"):
+                name = f"{pre}model_{dev}_q"
+                tf = teacher_forced_same(mq, cpu_batches, outs[name][:cpu_n], mcfg, a.gpu if dev == "cuda" else dev,
+                                         exact=bool(pre))
+                report[f"teacher-forced argmax reproduces {name}"] = round(tf, 4)
+                print(f"teacher-forced argmax reproduces {name} greedy: {100 * tf:.1f}% of {cpu_n}", flush=True)
         for ref, other in (("model_cuda_q", "engine_cuda32_q"), ("model_cuda_q", "model_cpu_q"),
-                           ("model_cuda_f", "engine_cuda32_f")):
+                           ("exact_model_cuda_q", "engine_cuda32_q"), ("model_cuda_f", "engine_cuda32_f")):
             dev = a.gpu if "cuda" in ref else "cpu"
             quant = ref.endswith("q")
-            ms = margins(fp32_model(q if quant else fp, quant), flat_src, outs[ref], outs[other], mcfg, dev)
+            with lsquant.exact_gemm(ref.startswith("exact_")):
+                ms = margins(fp32_model(q if quant else fp, quant), flat_src, outs[ref], outs[other], mcfg, dev)
             vals = sorted(abs(m) for _, m, _ in ms if m == m)
             q_ = lambda f: round(vals[min(len(vals) - 1, int(f * len(vals)))], 4) if vals else None  # noqa: E731
             lens = [len(strip(o, mcfg.eos_id)) for o in outs[ref]]

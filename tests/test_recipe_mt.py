@@ -34,6 +34,8 @@ def test_every_stage_writes_its_artefacts(tmp_path):
     # on the CPU the engines compute the models' own arithmetic: every greedy output is the model's
     assert results["fp16"]["greedy = model, test"] == 1.0
     assert results["qat_int8"]["greedy = model, test"] == 1.0
+    assert results["qat_int8"]["greedy = model (exact GEMM), test"] == 1.0
+    assert "greedy = model (exact GEMM), test" not in results["fp16"]
     # the yardstick's plumbing (on the CPU both sides are the CPU: the same arithmetic, the same tokens); on CUDA
     # run_all reports it next to the agreements
     assert "greedy model cuda = model cpu, test" not in results["qat_int8"]

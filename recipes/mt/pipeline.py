@@ -352,31 +352,35 @@ def _same_greedy(cfg: RecipeConfig, split: str, decoders: tuple, max_len: int, p
 
 
 def greedy_agreement(cfg: RecipeConfig, model_path: str | Path, export_path: str | Path, split: str,
-                     quantized: bool, engine_dtype: torch.dtype | None = None) -> float:
+                     quantized: bool, engine_dtype: torch.dtype | None = None, exact: bool = False) -> float:
     """Share of the split's sentences whose greedy output (every token) is the same from the engine reading
     export_path as from the model's own decoding (lsquant.models.Transformer.generate): the float model for an
     fp16 export, the calibrated model with quantization on (fake-quant) for an int8 export. engine_dtype: the
-    engine's activations (default fp16 on CUDA); the model runs in fp32."""
+    engine's activations (default fp16 on CUDA); the model runs in fp32. exact: the fake-quant model's GEMMs on
+    int8 levels with exact dot products (lsquant.exact_gemm: the same function, independent of summation order)."""
     from lsquant.inference.transformer_engine import QuantTransformer, Transformer as FloatEngine
 
     dev = cfg.torch_device()
     model = fp32_model(model_path, quantized).to(dev)
     kind = QuantTransformer if quantized else FloatEngine
     eng = kind(export_path, max_batch_size=cfg.infer_batch_size, device=dev, dtype=engine_dtype)
-    with torch.no_grad(), tf32_matmuls(False):   # fp32 means fp32 (TF32 rounds every product's inputs to 10 bits)
+    # fp32 means fp32 (TF32 rounds every product's inputs to 10 bits)
+    with torch.no_grad(), tf32_matmuls(False), lsquant.exact_gemm(exact):
         return _same_greedy(cfg, split, ((dev, lambda ids: eng.infer(ids, method="greedy")[0][:, 0]),
                                          (dev, lambda ids: model.generate(ids, "greedy")[0][:, 0])),
-                            eng.cfg.max_seq_len, eng.pad, f"agreement {Path(export_path).stem} {split}")
+                            eng.cfg.max_seq_len, eng.pad,
+                            f"agreement {Path(export_path).stem}{' exact' if exact else ''} {split}")
 
 
-def model_self_agreement(cfg: RecipeConfig, model_path: str | Path, split: str, quantized: bool) -> float:
+def model_self_agreement(cfg: RecipeConfig, model_path: str | Path, split: str, quantized: bool,
+                         exact: bool = False) -> float:
     """Share of the split's sentences on which the model's greedy output on the run's GPU equals its greedy output
     on the CPU (fp32 both, no TF32): the yardstick for greedy_agreement. A fake-quant model is a step function of
     its activations: another summation order can move one next to a rounding boundary by a whole int8 step
-    (recipes/mt/RESULTS.md)."""
+    (recipes/mt/RESULTS.md). exact: as in greedy_agreement."""
     dev = cfg.torch_device()
     gpu, cpu = fp32_model(model_path, quantized).to(dev), fp32_model(model_path, quantized)
-    with torch.no_grad(), tf32_matmuls(False):
+    with torch.no_grad(), tf32_matmuls(False), lsquant.exact_gemm(exact):
         return _same_greedy(cfg, split, ((dev, lambda ids: gpu.generate(ids, "greedy")[0][:, 0]),
                                          ("cpu", lambda ids: cpu.generate(ids, "greedy")[0][:, 0])),
                             gpu.config.max_seq_len, gpu.config.pad_id, f"model {dev} = cpu {split}")
@@ -404,15 +408,19 @@ def run_all(cfg: RecipeConfig) -> dict:
         for name, model_path, quantized in (("fp16", fp, False), ("qat_int8", q, True),
                                             (f"ptq_{cfg.ptq_method}_int8", p, True)):
             # on CUDA also with the engine in fp32: what differs then is the engine's arithmetic, not fp16's
-            for label, dt in (("", None),) + (((" (engine in fp32)", torch.float32),) if fp_dev_cuda else ()):
-                share = greedy_agreement(cfg, model_path, exports[name], split, quantized, dt)
-                results[name][f"greedy = model{label}, {split}"] = round(share, 4)
-                log.info("%s: greedy tokens equal to the model's on %.2f%% of %s%s", name, 100 * share, split, label)
-            if fp_dev_cuda:   # the yardstick: how often the model agrees with itself on the CPU
-                share = model_self_agreement(cfg, model_path, split, quantized)
-                results[name][f"greedy model cuda = model cpu, {split}"] = round(share, 4)
-                log.info("%s: the model's greedy tokens on CUDA equal its CPU ones on %.2f%% of %s", name,
-                         100 * share, split)
+            # int8: also against the fake-quant model with exact GEMMs (lsquant.exact_gemm), the engine's arithmetic
+            for exact in (False, True) if quantized else (False,):
+                ex_label = " (exact GEMM)" if exact else ""
+                for label, dt in (("", None),) + (((" (engine in fp32)", torch.float32),) if fp_dev_cuda else ()):
+                    share = greedy_agreement(cfg, model_path, exports[name], split, quantized, dt, exact)
+                    results[name][f"greedy = model{ex_label}{label}, {split}"] = round(share, 4)
+                    log.info("%s: greedy tokens equal to the model's%s on %.2f%% of %s%s", name, ex_label,
+                             100 * share, split, label)
+                if fp_dev_cuda:   # the yardstick: how often the model agrees with itself on the CPU
+                    share = model_self_agreement(cfg, model_path, split, quantized, exact)
+                    results[name][f"greedy model cuda = model cpu{ex_label}, {split}"] = round(share, 4)
+                    log.info("%s: the model's greedy tokens on CUDA equal its CPU ones%s on %.2f%% of %s", name,
+                             ex_label, 100 * share, split)
         # the fp32 checkpoint's size: the float model's state dict in fp32 (a bf16 run's own file is half of that)
         blob = torch.load(cfg.root / "float" / "model.pt", map_location="cpu", weights_only=False)
         fp32_mb = sum(t.numel() * 4 for t in blob["model"].values()
