@@ -17,6 +17,7 @@ decoder against the full one). Results: stdout and OUT/diag_agreement.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -119,6 +120,8 @@ def main():
     ap.add_argument("--tf32", choices=["off", "on", "both"], default="both",
                     help="PyTorch's TF32 switches during the decodings (the first measurement ran with them on, left "
                          "on by the recipe's training in the same process)")
+    ap.add_argument("--recipe", default="{}", help="RecipeConfig overrides, JSON (e.g. a CPU run: "
+                    '\'{"dtype": "float32", "warmup": 300, "max_batch_tokens": 4096}\')')
     a = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = RecipeConfig(run_dir=a.run_dir, data=a.data, seed=1, max_train_minutes=a.minutes, max_steps=20000,
@@ -126,6 +129,7 @@ def main():
                        qat_lr=1e-4, calib_batches=8, dtype="bfloat16", beam_size=4, infer_batch_size=128,
                        test_splits=(a.split,),
                        device=a.gpu, model=json.loads(a.model))
+    cfg = dataclasses.replace(cfg, **json.loads(a.recipe))
     cfg.root.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     fp, q = cfg.root / "float" / "model.pt", cfg.root / "qat" / "model.pt"

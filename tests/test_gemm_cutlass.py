@@ -76,6 +76,9 @@ def test_equals_the_reference_epilogue_on_cuda(config, out_dtype, M, N, K):
         pytest.skip("no sm_90 GPU, nvcc or CUTLASS headers here")
     for activation, bias in (("none", True), ("relu", True), ("none", False)):
         layer = _layer(N, K, out_dtype, activation, bias, "cuda", seed=M + config)
+        # the reference's scales are computed on the CPU: equal to the GPU's (lsquant.quant.ref.scale_and_inv
+        # divides correctly rounded on both), so this also checks that the engine's scales do not depend on
+        # the device
         ref = _layer(N, K, out_dtype, activation, bias, "cpu", seed=M + config)
         x = torch.randint(-127, 128, (M, K), generator=torch.Generator().manual_seed(M), dtype=torch.int8)
         y = G.run_choice(layer, x.cuda(), {"backend": "cutlass", "config": config})

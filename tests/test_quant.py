@@ -285,3 +285,19 @@ def test_import_does_not_initialise_cuda_or_build():
             "assert 'lsquant_C' not in sys.modules; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_scales_are_correctly_rounded_divisions():
+    """scale = fp32(clip / 127) and inv = fp32(1 / scale), each one IEEE rounding (the kernels' __fdiv_rn and
+    __frcp_rn), checked against numpy's float32 arithmetic; the cuda twin checks the same on the GPU, where a
+    division by the number 127 would be a multiplication by fp32(1/127) (off by an ulp for some clips)."""
+    import numpy as np
+    clip = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10 + 1e-3
+    scale, inv = ref.scale_and_inv(clip)
+    c = clip.numpy()
+    s_np = c / np.float32(127)
+    assert s_np.dtype == np.float32
+    assert np.array_equal(scale.numpy(), s_np)
+    assert np.array_equal(inv.numpy(), np.float32(1) / s_np)
+    # the multiply-by-reciprocal shortcut is not the same function: the test would see it
+    assert not np.array_equal(c * (np.float32(1) / np.float32(127)), s_np)

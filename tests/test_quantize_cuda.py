@@ -92,3 +92,17 @@ def test_empty_tensor_and_large_channel_count():
     gx, gc = ref.fake_quantize_grad_ref(torch.ones(70000, 3), x.cpu(), c.cpu(), 0)
     assert torch.equal(xr.grad.cpu(), gx)
     torch.testing.assert_close(cr.grad.cpu(), gc, rtol=1e-5, atol=1e-5)
+
+
+def test_scales_on_cuda_are_the_cpu_scales():
+    """lsquant.quant.ref.scale_and_inv gives the same bits on the GPU as on the CPU (and as the kernels):
+    the engines compute their scales with it on the device."""
+    clip = torch.rand(100_000, generator=torch.Generator().manual_seed(0)) * 10 + 1e-3
+    s_cpu, inv_cpu = ref.scale_and_inv(clip)
+    s_gpu, inv_gpu = ref.scale_and_inv(clip.cuda())
+    assert torch.equal(s_gpu.cpu(), s_cpu)
+    assert torch.equal(inv_gpu.cpu(), inv_cpu)
+    # the fake-quantize kernel's dequantized levels (level * scale) use the same scale
+    x = (torch.arange(-127, 128).float()[None, :] * s_cpu[:1000, None]).contiguous()
+    y = ops.fake_quantize(x.cuda(), clip[:1000].cuda(), 0)
+    assert torch.equal(y.cpu(), ref.fake_quantize_ref(x, clip[:1000], 0))

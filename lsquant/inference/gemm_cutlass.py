@@ -155,10 +155,11 @@ def int8_gemm_cutlass(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bi
     from .gemm import _workspace
 
     ws = _workspace(x2.device)   # cuBLASLt's, per device: calls on one stream run one after another
-    rc = library().lsq_cutlass_int8_gemm(
-        config, 0 if out_dtype == torch.bfloat16 else 1, act, x2.data_ptr(), w.data_ptr(), out.data_ptr(),
-        alpha.data_ptr(), bias32.data_ptr() if bias32 is not None else None, M, N, K, ws.data_ptr(), ws.numel(),
-        torch.cuda.current_stream(x2.device).cuda_stream)
+    with torch.cuda.device(x2.device):   # the library launches on the current device
+        rc = library().lsq_cutlass_int8_gemm(
+            config, 0 if out_dtype == torch.bfloat16 else 1, act, x2.data_ptr(), w.data_ptr(), out.data_ptr(),
+            alpha.data_ptr(), bias32.data_ptr() if bias32 is not None else None, M, N, K, ws.data_ptr(),
+            ws.numel(), torch.cuda.current_stream(x2.device).cuda_stream)
     if rc:
         raise CutlassError(f"CUTLASS int8 GEMM {CONFIGS[config]} M={M} N={N} K={K}: {_ERRORS.get(rc, rc)}")
     return out

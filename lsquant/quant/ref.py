@@ -24,8 +24,15 @@ INV_QMAX = float(torch.tensor(1.0 / QMAX, dtype=torch.float32))  # fp32(1/127): 
 
 
 def scale_and_inv(clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """clip (fp32, any shape) -> (scale, 1/scale), both fp32, computed exactly as the kernels do."""
-    scale = clip.float() / QMAX
+    """clip (fp32, any shape) -> (scale, 1/scale), both fp32, computed exactly as the kernels do (IEEE division,
+    correctly rounded: ``__fdiv_rn`` and ``__frcp_rn`` in csrc/kernels/quant_math.cuh).
+
+    The divisor is a tensor on clip's device, not the number 127: on CUDA, PyTorch divides by a Python number as
+    a multiplication by fp32(1/127) (``div_true_kernel_cuda``: "may lose one bit of precision"), which gives
+    another scale than the CPU and the kernels for some clips (one ulp, ~4% of clips), so the GPU engine's
+    scales would not be the model's."""
+    c = clip.float()
+    scale = c / torch.full_like(c, QMAX)
     return scale, 1.0 / scale
 
 
