@@ -138,6 +138,8 @@ for dt, out, kind in (("fp16", "*fp16", 2), ("bf16", "*bf16", 2), ("fp16", "*i8"
     ck = triton.compile(ASTSource(k, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                         options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False))
     assert ck.asm["cubin"], dt
+    # the statistics' divisions are IEEE (as layernorm.cu's), not Triton's default div.full.f32
+    assert "div.rn.f32" in ck.asm["ptx"] and "div.full.f32" not in ck.asm["ptx"], dt
 print("compiled")
 """
     compile_in_fresh_process(code)

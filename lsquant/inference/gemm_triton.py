@@ -482,14 +482,15 @@ def _build(interpret: bool) -> dict:
         for k in range(0, tl.cdiv(K, LN_BLOCK)):
             kk = k * LN_BLOCK + offs_l
             s1 += tl.sum(tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32), axis=1)
-        mean = s1 / K
+        # IEEE divisions as layernorm.cu's (Triton's own fp32 `/` is div.full.f32, up to 2 ulp off)
+        mean = tl.math.div_rn(s1, K.to(tl.float32))
         s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, LN_BLOCK)):
             kk = k * LN_BLOCK + offs_l
             d = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32) - mean[:, None]
             d = tl.where(kk[None, :] < K, d, 0.0)
             s2 += tl.sum(d * d, axis=1)
-        rstd = 1.0 / tl.sqrt_rn(s2 / K + eps)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(s2, K.to(tl.float32)) + eps))
         xinv = tl.load(xinv_ptr)
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
