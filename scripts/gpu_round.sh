@@ -27,7 +27,7 @@ bench() {  # name, env assignments..., -- bench_engine arguments...
 }
 PART=${1:-engine}
 if [ "$PART" = engine ]; then
-run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py \
+run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py tests/test_quantize_cuda.py \
   tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
