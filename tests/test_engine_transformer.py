@@ -115,6 +115,24 @@ def test_int8_engine_equals_qat_model_with_exact_gemm(trained, test_src, tmp_pat
         torch.testing.assert_close(s1, s2, rtol=0, atol=1e-2)
 
 
+def test_float_tensors_are_fp32_in_int8_files_and_fp16_in_fp16_files(trained, tmp_path):
+    """An int8 file keeps the model's biases and LayerNorms as they are (fp16 would change the quantized model);
+    an fp16 file is fp16 throughout unless asked otherwise."""
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(2, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    t8 = read_transformer(export_transformer(qat, tmp_path / "q.h5", "int8")).tensors
+    assert t8["encoder/0/qkv/bias"].dtype == np.float32 and t8["decoder/0/ffn_ln/weight"].dtype == np.float32
+    assert t8["encoder/0/qkv/weight"].dtype == np.int8
+    t16 = read_transformer(export_transformer(trained, tmp_path / "f.h5", "fp16")).tensors
+    assert t16["encoder/0/qkv/bias"].dtype == np.float16 and t16["encoder/0/qkv/weight"].dtype == np.float16
+    t8h = read_transformer(export_transformer(qat, tmp_path / "q16.h5", "int8", float_dtype="float16")).tensors
+    assert t8h["encoder/0/qkv/bias"].dtype == np.float16
+    with pytest.raises(ValueError, match="float_dtype"):
+        export_transformer(qat, tmp_path / "x.h5", "int8", float_dtype="bfloat16")
+    assert not (tmp_path / "x.h5").exists()
+
+
 def test_ptq_export_needs_calibration(trained, tmp_path):
     m = Transformer.load(trained.save(tmp_path / "m.pt"))
     with pytest.raises(ValueError, match="calibrate"):
