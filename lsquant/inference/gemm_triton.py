@@ -258,7 +258,7 @@ def _build(interpret: bool) -> dict:
     # Kernels resolve the names they use in this module's globals (the interpreter does not see closures),
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
-    global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part
+    global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile
     import triton
     import triton.language as tl
 
@@ -316,6 +316,15 @@ def _build(interpret: bool) -> dict:
         return pid_m, pid_n
 
     @triton.jit
+    def _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr):
+        # the epilogue of one output tile, stored through pointers with the (offs_m < M, offs_n < N) mask
+        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
+                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
+
+    @triton.jit
     def _tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # the tile's rows and columns, and the same with those out of range replaced by 0: out-of-range
         # rows/columns load row 0 (valid memory) and are masked at the store
@@ -348,11 +357,8 @@ def _build(interpret: bool) -> dict:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
-                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
-        tl.store(out_ptrs, res, mask=mask)
+        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                    HAS_BIAS, ACT, OUT_KIND, HAS_RES)
 
     @triton.jit
     def _store_part(acc, off_m, off_n, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
@@ -360,15 +366,15 @@ def _build(interpret: bool) -> dict:
                     HAS_RES: tl.constexpr, TMA_STORE: tl.constexpr, BLOCK_M: tl.constexpr, SUB_N: tl.constexpr):
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, SUB_N)
-        # the residual is read through pointers (masked) even where the output is stored by TMA
-        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
-                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
         if TMA_STORE:
-            # TMA clips the rows and columns past (M, N): no mask
+            # the residual is read through pointers (masked) even where the output is stored by TMA, which
+            # clips the rows and columns past (M, N): no mask
+            res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS,
+                            ACT, OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
             out_desc.store([off_m, off_n], res)
         else:
-            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
+            _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
+                        stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
 
     @triton.jit
     def int8_linear_tma_kernel(x_desc, w_desc, out_desc, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, M, N, K,
@@ -455,10 +461,8 @@ def _build(interpret: bool) -> dict:
             # the last of the SPLIT_K programs: every partial sum is in; take the total and leave zeros
             total = tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-            res = _epilogue(total, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS,
-                            ACT, OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
-            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-            tl.store(out_ptrs, res, mask=mask)
+            _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
+                        stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
 
     @triton.jit
     def int8_ln_linear_kernel(x_ptr, g_ptr, beta_ptr, xinv_ptr, eps, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr,
@@ -511,11 +515,8 @@ def _build(interpret: bool) -> dict:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             w_ptrs += BLOCK_K
 
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
-                        OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
-        tl.store(out_ptrs, res, mask=mask)
+        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                    HAS_BIAS, ACT, OUT_KIND, HAS_RES)
 
     return {"tiled": int8_linear_kernel, "tma": int8_linear_tma_kernel, "splitk": int8_linear_splitk_kernel,
             "ln_tiled": int8_ln_linear_kernel}
