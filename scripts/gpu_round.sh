@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# One device call (~8 min) for the decode-step changes: the LayerNorm fused into the int8 GEMM (Int8Linear.ln_call),
-# the beam ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the search
-# benchmark (eager and graphed), the engines end to end (base: int8 fused / not fused / fused up to 128 rows, fp16;
-# big: int8 and fp16) and the per-kernel profile. Logs and CSVs packed in $OUT/round.tgz.
-#   bash scripts/gpu_round.sh engine     (~8 min; the default)
+# One device call (~9 min) for the decode-step changes: the LayerNorm fused into the int8 GEMM (Int8Linear.ln_call),
+# programmatic dependent launch of the step's Triton kernels (LSQUANT_PDL=1, lsquant/inference/pdl.py), the beam
+# ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the engines end to end
+# (base: int8 fused / fused + PDL / not fused / fused up to 128 rows, fp16 without and with PDL; big: int8 and fp16
+# with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
+#   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 with it as a candidate
 set -u
@@ -27,16 +28,19 @@ bench() {  # name, env assignments..., -- bench_engine arguments...
 }
 PART=${1:-engine}
 if [ "$PART" = engine ]; then
-run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_ln_gemm.py tests/test_rough_topk.py tests/test_quantize_cuda.py \
-  tests/test_attention.py tests/test_engine_transformer.py tests/test_decoding.py
+# in priority order: a step the 600 s call limit cuts off loses only what follows it (each step packs its logs)
+run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_ln_gemm.py \
+  tests/test_rough_topk.py tests/test_quantize_cuda.py tests/test_attention.py tests/test_engine_transformer.py \
+  tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
-run search 60 python3 bench/bench_search.py --out "$W/search.csv"
-grep "B=" "$W/search.log"
 run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
-bench big LSQUANT_LN_GEMM=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+run search 60 python3 bench/bench_search.py --out "$W/search.csv"
+grep "B=" "$W/search.log"
 bench base_fused128 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
 else
 pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1

@@ -464,3 +464,32 @@ def test_cuda_int8_engine_with_the_layer_norm_in_the_gemm(trained, test_src, tmp
     fused = graphed.infer(src[:16], "beam")[0]
     same = sum(torch.equal(x, y) for x, y in zip(fused[:, 0], two[:, 0]))
     assert same >= 15, same
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_cuda_engines_with_pdl_give_the_same_bits(trained, test_src, tmp_path, monkeypatch, precision):
+    """LSQUANT_PDL=1 (lsquant.inference.pdl): the decode step's Triton kernels launched with programmatic dependent
+    launch, captured in the CUDA graphs (int8: with the LayerNorm fused into the GEMMs, the longest chains of
+    Triton kernels). Every token and score equals the engine's without PDL, for beam search, greedy and sampling,
+    through repeated requests."""
+    from lsquant.inference import pdl
+
+    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
+    if precision == "int8":
+        lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
+                          progress=False)
+        model.apply(lsquant.enable_quant)
+        monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
+    path = export_transformer(model, tmp_path / f"{precision}.h5", precision)
+    cls = QuantTransformer if precision == "int8" else FloatEngine
+    src = test_src[:16].cuda()
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LSQUANT_PDL", flag)
+        assert pdl.enabled(src.device) == (flag == "1")
+        eng = cls(path, max_batch_size=16, device="cuda")
+        runs[flag] = [eng.infer(src, "beam"), eng.infer(src, "greedy"), eng.infer(src, "beam"),
+                      eng.infer(src[:5], "sample", top_k=4, seed=3)]
+    for i, ((a, sa), (b, sb)) in enumerate(zip(runs["0"], runs["1"])):
+        assert torch.equal(a, b) and torch.equal(sa, sb), i

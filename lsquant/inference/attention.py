@@ -32,6 +32,7 @@ import torch
 from lsquant import ops
 from lsquant.quant.ref import scale_and_inv
 
+from . import pdl
 from .gemm_triton import _dummy, _interpret
 
 
@@ -103,7 +104,7 @@ def cross_attention_ref(q, kv, mask, beams: int, out_clip=None):
 @functools.lru_cache(maxsize=1)
 def _build(interpret: bool):
     # kernels resolve names in this module's globals (the interpreter does not see closures)
-    global triton, tl, _quant
+    global triton, tl, _quant, _pdl_enter
     import triton
     import triton.language as tl
 
@@ -111,13 +112,17 @@ def _build(interpret: bool):
 
     gemm_triton._build(interpret)   # binds its jit helpers, built for the same mode
     _quant = gemm_triton._quant     # quantize_ref's rounding in fp32, as the GEMM epilogue does it
+    _pdl_enter = gemm_triton._pdl_enter
 
     @triton.jit
     def decode_attention_kernel(q_ptr, stride_q, new_ptr, stride_new, cache_ptr, s_kv, s_row, s_head, s_pos,
                                 anc_ptr, stride_anc, mask_ptr, stride_mask, t_ptr, L, kv_scale_ptr, kv_inv_ptr,
                                 out_ptr, stride_o, out_inv_ptr, sm_scale, HD, BEAMS,
                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr,
-                                SELF: tl.constexpr, INT8_KV: tl.constexpr, OUT_INT8: tl.constexpr):
+                                SELF: tl.constexpr, INT8_KV: tl.constexpr, OUT_INT8: tl.constexpr,
+                                USE_PDL: tl.constexpr = False):
+        if USE_PDL:   # programmatic dependent launch (lsquant.inference.pdl): wait before any access
+            _pdl_enter()
         r = tl.program_id(0)
         h = tl.program_id(1)
         dt = q_ptr.dtype.element_ty
@@ -214,7 +219,7 @@ def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool,
         mask if mask is not None else t, mask.stride(0) if mask is not None else 0,
         t, L, kv_scale, kv_inv, out, out.stride(0), out_inv if int8_out else dummy, D ** -0.5, H, beams,
         D=D, BLOCK_D=BLOCK_D, BLOCK_J=max(16, min(64, 4096 // BLOCK_D)), SELF=self_attn,
-        INT8_KV=kv is not None, OUT_INT8=int8_out, num_warps=4)
+        INT8_KV=kv is not None, OUT_INT8=int8_out, num_warps=4, **pdl.launch_args(q.device))
     return out
 
 

@@ -28,19 +28,28 @@ import functools
 
 import torch
 
+from . import pdl
 from .gemm_triton import _interpret
 
 
 @functools.lru_cache(maxsize=1)
 def _build(interpret: bool):
-    global triton, tl
+    global triton, tl, _pdl_enter
     import triton
     import triton.language as tl
+
+    from . import gemm_triton
+
+    gemm_triton._build(interpret)
+    _pdl_enter = gemm_triton._pdl_enter   # programmatic dependent launch (lsquant.inference.pdl)
 
     @triton.jit
     def beam_update_kernel(top_s_ptr, top_i_ptr, scores_ptr, seqs_ptr, fin_s_ptr, fin_tok_ptr, count_ptr, norm_ptr,
                            t_ptr, rows_ptr, tokens_ptr, V, eos, L,
-                           K: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr, BLOCK_L: tl.constexpr):
+                           K: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr, BLOCK_L: tl.constexpr,
+                           USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr)
         NEG = float("-inf")
@@ -122,4 +131,4 @@ def beam_update(search, top_s: torch.Tensor, top_i: torch.Tensor, V: int) -> Non
         top_s.contiguous(), top_i.contiguous(), search.scores, search.seqs, search.fin_scores, search.fin_tokens,
         search.count, search.norm, search.t, search.rows, search.tokens, V, search.eos, L, K=K,
         K2=max(2, triton.next_power_of_2(2 * K)), KP=max(2, triton.next_power_of_2(K)),
-        BLOCK_L=min(128, max(16, triton.next_power_of_2(L))), num_warps=4)
+        BLOCK_L=min(128, max(16, triton.next_power_of_2(L))), num_warps=4, **pdl.launch_args(top_s.device))

@@ -14,6 +14,7 @@ import torch
 from lsquant import ops
 from lsquant.quant.ref import scale_and_inv
 
+from . import pdl
 from .attention import _interpret, use_kernel
 
 
@@ -29,13 +30,20 @@ def embed_step_ref(tokens, rows, clip, pos, t, scale: torch.Tensor, pad: int, dt
 
 @functools.lru_cache(maxsize=1)
 def _build(interpret: bool):
-    global triton, tl
+    global triton, tl, _pdl_enter
     import triton
     import triton.language as tl
 
+    from . import gemm_triton
+
+    gemm_triton._build(interpret)
+    _pdl_enter = gemm_triton._pdl_enter   # programmatic dependent launch (lsquant.inference.pdl)
+
     @triton.jit
     def embed_step_kernel(tok_ptr, rows_ptr, stride_row, rscale_ptr, pos_ptr, stride_pos, t_ptr, out_ptr, stride_o,
-                          scale, pad, H, INT8: tl.constexpr, BLOCK_H: tl.constexpr):
+                          scale, pad, H, INT8: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         n = tl.program_id(0)
         dt = out_ptr.dtype.element_ty
         tok = tl.load(tok_ptr + n)
@@ -70,5 +78,6 @@ def embed_step(tokens, rows, clip, pos, t, scale: torch.Tensor, pad: int, dtype,
     _build(_interpret())[(N,)](tokens, rows, rows.stride(0), row_scale if clip is not None else pos, pos, pos.stride(0),
                                t, out, out.stride(0), float(scale), pad, H, INT8=clip is not None,
                                BLOCK_H=min(1024, triton.next_power_of_2(H)), num_warps=4,
-                               enable_fp_fusion=False)   # the reference rounds the product, then the sum
+                               enable_fp_fusion=False,   # the reference rounds the product, then the sum
+                               **pdl.launch_args(pos.device))
     return out

@@ -258,9 +258,28 @@ def _build(interpret: bool) -> dict:
     # Kernels resolve the names they use in this module's globals (the interpreter does not see closures),
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
-    global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile
+    global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile, _pdl_enter, _pdl_wait
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _pdl_enter():
+        # the first thing a kernel launched with programmatic dependent launch does (lsquant.inference.pdl): wait
+        # for the previous kernel to complete (its writes visible), then let the next kernel launch. Shared by
+        # every decode-step kernel
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(w_rows, nbytes, PREFETCH: tl.constexpr):
+        # _pdl_enter for the GEMMs, which first ask for their weight rows in L2 (w_rows: a tensor of row
+        # pointers, nbytes each; the weights are constants, so this is the one access allowed before the wait). cp.async.bulk.prefetch needs 16-byte aligned addresses and sizes (PREFETCH); a
+        # size <= 0 (a split-K program past K) prefetches nothing
+        if PREFETCH:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.u32 $0, 0;",
+                "=r,l,r", [w_rows, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+        _pdl_enter()
 
     @triton.jit
     def _quant(v, inv):
@@ -337,10 +356,12 @@ def _build(interpret: bool) -> dict:
                            stride_wn, stride_om, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                            OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                           EVEN_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         pid = tl.program_id(0)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        if USE_PDL:
+            _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn, K, PREFETCH)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
@@ -426,7 +447,8 @@ def _build(interpret: bool) -> dict:
                                   N, K, stride_xm, stride_wn, stride_om, stride_rm, k_per_split,
                                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
                                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+                                  BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                                  USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -434,6 +456,8 @@ def _build(interpret: bool) -> dict:
         offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         k0 = pid_k * k_per_split
+        if USE_PDL:   # this program's K slice of its weight rows (the last slice may be shorter, or empty)
+            _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn + k0, tl.minimum(k_per_split, K - k0), PREFETCH)
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -469,7 +493,8 @@ def _build(interpret: bool) -> dict:
                               res_ptr, q_ptr, M, N, K, stride_xm, stride_wn, stride_om, stride_rm,
                               HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
                               HAS_RES: tl.constexpr, WRITE_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LN_BLOCK: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LN_BLOCK: tl.constexpr,
+                              USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
         # The tiled kernel with LayerNorm + quantize in its prologue: x float (M, K) rows; each program takes the
         # mean and rstd of its BLOCK_M rows (two passes over K, as layernorm.cu: sum, then squared deviations),
         # then quantizes each x tile as ops.layer_norm_quant does (fma((x - mean) * rstd, g, b), rounded to x's
@@ -479,6 +504,8 @@ def _build(interpret: bool) -> dict:
         # (which tuning may change).
         pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 1)
         offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        if USE_PDL:
+            _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn, K, PREFETCH)
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
         offs_l = tl.arange(0, LN_BLOCK)
@@ -679,6 +706,17 @@ def _operands(x2, w, alpha, bias32, act: int, out_dtype: torch.dtype, out_inv, r
     return x2, w, out, ptrs, epi
 
 
+def _pdl_args(x2: torch.Tensor, w: torch.Tensor) -> dict:
+    """PDL launch arguments (lsquant.inference.pdl) of the pointer kernels: with the L2 prefetch of the weight
+    rows where w's rows are 16-byte aligned and K is a multiple of 16 (cp.async.bulk's rule)."""
+    from . import pdl
+
+    a = pdl.launch_args(x2.device)
+    if a:
+        a["PREFETCH"] = w.data_ptr() % 16 == 0 and w.stride(0) % 16 == 0 and w.shape[1] % 16 == 0
+    return a
+
+
 def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None, bias32: torch.Tensor | None,
                        act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict,
                        residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -732,7 +770,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
             x2, w, out, alpha_, bias_, inv_, res_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
             stride_r, k_per_split, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
             EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"], num_stages=c["num_stages"],
-            enable_fp_fusion=False)
+            enable_fp_fusion=False, **_pdl_args(x2, w))
         return out
 
     # the tiled kernel (also where a TMA config meets K % 16 != 0: same tiles, pointer loads)
@@ -740,7 +778,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     kernels["tiled"][grid](
         x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r, **epi,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False, **_pdl_args(x2, w))
     return out
 
 
@@ -765,7 +803,7 @@ def int8_ln_linear_triton(x2: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tens
         x2, ln_w, ln_b, x_inv, float(eps), w, out, alpha_, bias_, inv_, res_,
         q_out if q_out is not None else _dummy(x2.device), M, N, K, x2.stride(0), w.stride(0), out.stride(0),
         stride_r, **epi, WRITE_Q=q_out is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, LN_BLOCK=ln_block(K),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False)
+        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False, **_pdl_args(x2, w))
     return out
 
 

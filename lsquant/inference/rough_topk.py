@@ -48,6 +48,7 @@ import functools
 
 import torch
 
+from . import pdl
 from .gemm_triton import _interpret
 from .decoding import log_probs
 
@@ -85,9 +86,14 @@ def beam_topk_ref(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, l
 def _build(interpret: bool):
     # triton.jit decides at decoration time whether a function is compiled or interpreted: one build per mode.
     # The kernels resolve names in this module's globals (the interpreter does not see closures).
-    global triton, tl, _masked
+    global triton, tl, _masked, _pdl_enter
     import triton
     import triton.language as tl
+
+    from . import gemm_triton
+
+    gemm_triton._build(interpret)
+    _pdl_enter = gemm_triton._pdl_enter   # programmatic dependent launch (lsquant.inference.pdl)
 
     @triton.jit
     def _masked(x, col, eos, last, early, b0, b1, b2, b3):
@@ -100,7 +106,9 @@ def _build(interpret: bool):
 
     @triton.jit
     def _threshold(x_ptr, stride, t_ptr, lim_ptr, pmax_ptr, pcm_ptr, V, S, eos, b0, b1, b2, b3,
-                   P: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+                   P: tl.constexpr, C: tl.constexpr, R: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         # program (row, p): columns [p S, min(V, (p + 1) S)) of the row; S is a multiple of R x C, so a column's
         # chunk (column % C) is its lane c in every tile
         row = tl.program_id(0).to(tl.int64)
@@ -125,7 +133,9 @@ def _build(interpret: bool):
     @triton.jit
     def _candidates(x_ptr, stride, t_ptr, lim_ptr, pmax_ptr, pcm_ptr, psum_ptr, key_ptr, tok_ptr, cnt_ptr, V, S,
                     eos, b0, b1, b2, b3, K2: tl.constexpr, P: tl.constexpr, C: tl.constexpr, CAP: tl.constexpr,
-                    BLOCK: tl.constexpr):
+                    BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         # program (row, p): the row's max and threshold from every slice's pass-1 results (each program of the
         # row computes the same two numbers from the same inputs), then its own slice: the sum of exp(x - max)
         # and the masked values >= threshold, into the slice's CAP slots
@@ -166,7 +176,10 @@ def _build(interpret: bool):
 
     @triton.jit
     def _finish(x_ptr, stride, scores_ptr, t_ptr, lim_ptr, pmax_ptr, psum_ptr, val_ptr, tok_ptr, cnt_ptr, count_ptr,
-                V, eos, b0, b1, b2, b3, K2: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
+                V, eos, b0, b1, b2, b3, K2: tl.constexpr, P: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr,
+                USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         # one program per row: log(sum), the values of the collected slots (in place), or, if a slice had more
         # than CAP values at the threshold, the row's exact top 2K
         row = tl.program_id(0).to(tl.int64)
@@ -222,7 +235,10 @@ def _build(interpret: bool):
         tl.store(trow + slot, tl.where(keys > float("-inf"), toks, 0))
 
     @triton.jit
-    def _rank(val_ptr, tok_ptr, top_s_ptr, top_i_ptr, V, KW, W, K2: tl.constexpr, BLOCK_KW: tl.constexpr):
+    def _rank(val_ptr, tok_ptr, top_s_ptr, top_i_ptr, V, KW, W, K2: tl.constexpr, BLOCK_KW: tl.constexpr,
+              USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
         # one program per sentence: its K2 best of the K x W slots of its K rows (contiguous), best first, in the
         # order (value descending, slot ascending): sweep j takes the first slot after sweep j - 1's in that order
         # (-inf values included, so every rank gets a slot as topk's does); -> value, beam * V + token (int64)
@@ -307,13 +323,14 @@ def row_candidates(logits: torch.Tensor, scores: torch.Tensor, t: torch.Tensor, 
     tok = torch.empty(N, P * CAP, dtype=torch.int32, device=dev)
     count = torch.empty(N, dtype=torch.int32, device=dev)
     threshold, candidates, finish, _ = _build(_interpret())
+    pdl_args = pdl.launch_args(dev)
     # pass 1 reads R x C = BLOCK logits per iteration (2 KB of fp16 per program and step)
     threshold[(N, P)](logits, logits.stride(0), t, limits, part[0], pcm, V, S, eos, *b, P=P, C=C, R=R,
-                      num_warps=4)
+                      num_warps=4, **pdl_args)
     candidates[(N, P)](logits, logits.stride(0), t, limits, part[0], pcm, part[1], val, tok, cnt, V, S, eos, *b,
-                       K2=2 * beams, P=P, C=C, CAP=CAP, BLOCK=BLOCK, num_warps=4)
+                       K2=2 * beams, P=P, C=C, CAP=CAP, BLOCK=BLOCK, num_warps=4, **pdl_args)
     finish[(N,)](logits, logits.stride(0), scores, t, limits, part[0], part[1], val, tok, cnt, count, V, eos, *b,
-                 K2=2 * beams, P=P, CAP=CAP, BLOCK=BLOCK, num_warps=4)
+                 K2=2 * beams, P=P, CAP=CAP, BLOCK=BLOCK, num_warps=4, **pdl_args)
     return val, tok, count
 
 
@@ -344,7 +361,8 @@ def rank(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torc
 
     try:
         _build(_interpret())[3][(B,)](val, tok, top_s, top_i, V, K * W, W, K2=k,
-                                      BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4)
+                                      BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4,
+                                      **pdl.launch_args(val.device))
     except Exception as e:   # a kernel that cannot run here (a Triton change, say) must not stop the search
         import warnings
 

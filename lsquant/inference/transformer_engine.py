@@ -263,10 +263,6 @@ class _Engine:
         B, nH, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, nH * D)
 
-    def _ln_quant(self, x, wb, clip):
-        """quantize(LayerNorm(x), clip) -> int8, one kernel on CUDA (the same values as the two ops)."""
-        return ops.layer_norm_quant(x, wb[0], wb[1], 1e-5, clip, float_out=False)[1]
-
     def _sublayer(self, x, L, ln, fn):
         """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual) = residual + f(h) (the add in
         the last linear's epilogue). int8, pre-LN: h is LN(x) unevaluated, which f's first linear (qkv, cross_q,
@@ -419,8 +415,10 @@ class _Engine:
             x = self._sublayer(x, L, "attn_ln", self_attn)
             x = self._sublayer(x, L, "cross_ln", cross_attn)
             x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
-        if self.cfg.pre_layer_norm and self.int8:   # the final LayerNorm emits the projection's int8 input
-            logits = self.proj(self._ln_quant(x, self.norms["decoder"], self.proj_clip))
+        if self.cfg.pre_layer_norm and self.int8:
+            # the final LayerNorm and the quantize of the projection's input: in the projection's GEMM where
+            # Int8Linear.ln_call fuses them (as the sublayers' first linears), else one kernel before it
+            logits = self.proj.ln_call(x, *self.norms["decoder"], 1e-5)
         else:
             logits = self._project(self._ln(x, self.norms["decoder"]) if self.cfg.pre_layer_norm else x)
         search.update(logits[:, 0])

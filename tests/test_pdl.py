@@ -1,0 +1,171 @@
+"""Programmatic dependent launch (lsquant.inference.pdl) of the decode step's Triton kernels.
+
+CPU: when it is on, and that every kernel, compiled for sm_90 with USE_PDL, waits (griddepcontrol.wait) before its
+first global load, store or atomic, with the GEMMs' L2 prefetch of their weight rows the only access before it.
+CUDA: with LSQUANT_PDL=1 the kernels and the engines give the same bits as without, eagerly and in CUDA graphs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compile_in_fresh_process
+from lsquant.inference import pdl
+
+
+def test_off_by_default_and_never_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("LSQUANT_PDL", raising=False)
+    assert not pdl.enabled(torch.device("cuda", 0))
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+    monkeypatch.setenv("LSQUANT_PDL", "1")
+    assert not pdl.enabled(torch.device("cpu"))
+    assert pdl.launch_args(torch.device("cpu")) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.enabled(torch.device("cuda", 0))
+
+
+# every decode-step kernel: (module, kernel, pointer argument types, float arguments, constexprs)
+_KERNELS = """
+from lsquant.inference import attention, beam_update, embed_step, gemm_triton, rough_topk
+g = gemm_triton._build(False)
+epi = dict(HAS_BIAS=True, ACT=1, OUT_KIND=2, HAS_RES=True)
+gemm_ptrs = dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*fp16", alpha_ptr="*fp32", bias_ptr="*fp32", inv_ptr="*fp32",
+                 res_ptr="*fp16", ws_ptr="*i32", cnt_ptr="*i32", g_ptr="*fp16", beta_ptr="*fp16", xinv_ptr="*fp32",
+                 q_ptr="*i8")
+th, cand, fin, rank = rough_topk._build(False)
+topk_ptrs = dict(x_ptr="*fp16", t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", pcm_ptr="*fp32", psum_ptr="*fp32",
+                 key_ptr="*fp32", tok_ptr="*i32", cnt_ptr="*i32", scores_ptr="*fp32", val_ptr="*fp32",
+                 count_ptr="*i32", top_s_ptr="*fp32", top_i_ptr="*i64")
+KERNELS = [
+    ("tiled", g["tiled"], gemm_ptrs, (), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True)),
+    ("splitk", g["splitk"], gemm_ptrs, (), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, EVEN_K=True)),
+    ("ln_tiled", g["ln_tiled"], dict(gemm_ptrs, x_ptr="*fp16"), ("eps",),
+     dict(epi, OUT_KIND=1, HAS_RES=False, WRITE_Q=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, LN_BLOCK=256)),
+    ("attention", attention._build(False), dict(q_ptr="*fp16", new_ptr="*fp16", cache_ptr="*i8", anc_ptr="*i32",
+     mask_ptr="*u8", t_ptr="*i64", kv_scale_ptr="*fp32", kv_inv_ptr="*fp32", out_ptr="*i8", out_inv_ptr="*fp32"),
+     ("sm_scale",), dict(D=64, BLOCK_D=64, BLOCK_J=64, SELF=True, INT8_KV=True, OUT_INT8=True)),
+    ("threshold", th, topk_ptrs, (), dict(P=8, C=64, R=16)),
+    ("candidates", cand, topk_ptrs, (), dict(K2=8, P=8, C=64, CAP=128, BLOCK=1024)),
+    ("finish", fin, topk_ptrs, (), dict(K2=8, P=8, CAP=128, BLOCK=1024)),
+    ("rank", rank, topk_ptrs, (), dict(K2=8, BLOCK_KW=4096)),
+    ("beam_update", beam_update._build(False), dict(top_s_ptr="*fp32", top_i_ptr="*i64", scores_ptr="*fp32",
+     seqs_ptr="*i64", fin_s_ptr="*fp64", fin_tok_ptr="*i64", count_ptr="*i64", norm_ptr="*fp64", t_ptr="*i64",
+     rows_ptr="*i64", tokens_ptr="*i64"), (), dict(K=4, K2=8, KP=4, BLOCK_L=64)),
+    ("embed_step", embed_step._build(False), dict(tok_ptr="*i64", rows_ptr="*i8", rscale_ptr="*fp32",
+     pos_ptr="*fp16", t_ptr="*i64", out_ptr="*fp16"), ("scale",), dict(INT8=True, BLOCK_H=512)),
+]
+"""
+
+
+# the PTX scan, as source: the compile test runs it in a fresh process, the test after it here
+_SCAN = r"""
+import re
+
+
+def memory_ops_before(ptx, marker):
+    # the global loads, stores, atomics and cp.async copies in the kernel's PTX before marker
+    body = ptx[ptx.index(".entry"):]
+    head = body[:body.index(marker)]
+    return re.findall(r"\b(?:ld|st|atom|red)\.[\w.]*global[\w.]*|\bcp\.async\.c[ag][\w.]*|\bcp\.async\.bulk\.tensor",
+                      head)
+"""
+_scan: dict = {}
+exec(_SCAN, _scan)
+
+
+def test_pdl_kernels_wait_before_their_first_access_sm90():
+    """The compiled kernels (sm_90, no GPU needed): with USE_PDL every program runs griddepcontrol.wait, then
+    launch_dependents, before any global memory access but the weight prefetch (GEMMs with PREFETCH); without
+    USE_PDL (the default) no grid dependency control at all."""
+    compile_in_fresh_process(_KERNELS + _SCAN + r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+for name, fn, ptrs, floats, const in KERNELS:
+    for use in (False, True):
+        c = dict(const, USE_PDL=use)
+        if name in ("tiled", "splitk", "ln_tiled"):
+            c["PREFETCH"] = use
+        sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4, num_stages=3, enable_fp_fusion=False))
+        ptx = k.asm["ptx"]
+        assert k.asm["cubin"], name
+        if not use:
+            assert "griddepcontrol" not in ptx, name
+            continue
+        wait, launch = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+        assert 0 < wait < launch, name
+        early = memory_ops_before(ptx, "griddepcontrol.wait")
+        assert not early, (name, early)
+        pre = ptx.find("cp.async.bulk.prefetch.L2.global")
+        if name in ("tiled", "splitk", "ln_tiled"):
+            assert 0 < pre < wait, name       # the weight rows are asked for before the wait
+        else:
+            assert pre < 0, name
+print("compiled")
+''')
+
+
+def test_memory_ops_before_finds_accesses():
+    """The PTX scan of the test above finds what it looks for (a scan that finds nothing would pass anything)."""
+    ptx = (".entry k(\n{\n\tld.global.b32 {%r1}, [%rd1];\n\tcp.async.cg.shared.global [%r2], [%rd2], 16;\n"
+           "\tatom.global.add.u32 %r3, [%rd3], 1;\n\tgriddepcontrol.wait; // dummy\n\tst.global.b32 [%rd4], %r1;\n}")
+    scan = _scan["memory_ops_before"]
+    assert scan(ptx, "griddepcontrol.wait") == ["ld.global.b32", "cp.async.cg.shared.global",
+                                                             "atom.global.add.u32"]
+    assert scan(ptx.replace("\tld.global.b32 {%r1}, [%rd1];\n", ""), "griddepcontrol.wait") == [
+        "cp.async.cg.shared.global", "atom.global.add.u32"]
+
+
+# ---- CUDA ------------------------------------------------------------------------------------------------------
+
+def _gemm_outputs(device):
+    """The tiled, split-K and fused-LayerNorm kernels on odd decode shapes (weights with 16-byte rows: prefetched,
+    and without), one after another as the engine chains them, int8 and float outputs."""
+    from lsquant.inference import gemm_triton as GT
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    outs = []
+    for M, N, K in ((1, 1536, 512), (7, 1000, 1024), (33, 72, 1000), (64, 2048, 512)):
+        x = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8).to(device)
+        w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).to(device)
+        alpha = (torch.rand(N, generator=gen) * 1e-3).to(device)
+        bias = torch.randn(N, generator=gen).to(device)
+        inv = torch.tensor([0.5], device=device)
+        res = torch.randn(M, N, generator=gen).to(device, torch.float16)
+        xf = torch.randn(M, K, generator=gen).to(device, torch.float16)
+        g, b = torch.randn(K, generator=gen).to(device, torch.float16), torch.randn(K, generator=gen).to(device, torch.float16)
+        tiled = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, GROUP_M=1)
+        outs.append(GT.int8_linear_triton(x, w, alpha, bias, 1, torch.int8, inv, tiled))
+        outs.append(GT.int8_linear_triton(x, w, alpha, bias, 0, torch.float16, None, tiled, residual=res))
+        outs.append(GT.int8_linear_triton(x, w, alpha, bias, 2, torch.float16, None,
+                                          GT.splitk_config_dict((16, 32, 256, 4, 3), 4), residual=res))
+        outs.append(GT.int8_ln_linear_triton(xf, g, b, 1e-5, torch.tensor([127 / 3.0], device=device), w, alpha,
+                                             bias, 1, torch.int8, inv, tiled))
+    return outs
+
+
+@pytest.mark.cuda
+def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
+    monkeypatch.delenv("LSQUANT_PDL", raising=False)
+    ref = _gemm_outputs("cuda")
+    monkeypatch.setenv("LSQUANT_PDL", "1")
+    assert pdl.enabled(torch.device("cuda", torch.cuda.current_device()))
+    got = _gemm_outputs("cuda")
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert torch.equal(a, b), i
+    # and replayed from a CUDA graph, the chain of PDL launches captured as programmatic edges
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        with torch.cuda.graph(graph, stream=side):
+            static = _gemm_outputs("cuda")
+    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(static, ref)):
+            assert torch.equal(a, b), i
