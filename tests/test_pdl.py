@@ -169,3 +169,45 @@ def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
         torch.cuda.synchronize()
         for i, (a, b) in enumerate(zip(static, ref)):
             assert torch.equal(a, b), i
+
+
+def test_a_failed_probe_warns_once_and_turns_pdl_off(monkeypatch):
+    """Where PDL launches (or their capture) do not work, the first use warns and every launch is an ordinary one."""
+    calls = []
+
+    def broken(device):
+        calls.append(device)
+        raise RuntimeError("CUDA_ERROR_NOT_SUPPORTED")
+
+    monkeypatch.setattr(pdl, "_run_probe", broken)
+    monkeypatch.setattr(pdl, "_probed", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.warns(RuntimeWarning, match="failed its probe on cuda:0.*CUDA_ERROR_NOT_SUPPORTED"):
+        assert pdl._probe(0) is False
+    assert pdl._probe(0) is False and len(calls) == 1       # once per device
+    monkeypatch.setattr(pdl, "_run_probe", lambda device: False)
+    with pytest.warns(RuntimeWarning, match="a wrong result"):
+        assert pdl._probe(1) is False
+    monkeypatch.setattr(pdl, "_run_probe", lambda device: True)
+    assert pdl._probe(2) is True
+
+
+def test_probe_kernel_compiles_for_sm90():
+    compile_in_fresh_process("""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lsquant.inference import pdl
+k = pdl._probe_kernel()
+c = triton.compile(ASTSource(k, dict(x_ptr="*fp32", y_ptr="*fp32", n="i32", MUL="constexpr", USE_PDL="constexpr"),
+                             constexprs=dict(MUL=2, USE_PDL=True)), target=GPUTarget("cuda", 90, 32))
+assert "griddepcontrol.wait" in c.asm["ptx"]
+print("compiled")
+""")
+
+
+@pytest.mark.cuda
+def test_the_probe_passes_on_hopper(monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0")
+    assert pdl._run_probe(torch.device("cuda", torch.cuda.current_device()))

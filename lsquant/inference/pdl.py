@@ -15,12 +15,16 @@ a kernel that completes implies that the one before it completed: the order of t
 chain. A kernel launched without the attribute (cuBLAS, PyTorch's own) waits for everything before it, as ever.
 
 Off by default: turned on with ``LSQUANT_PDL=1`` (until the decode benchmarks have measured it, as the
-LayerNorm-in-GEMM fusion); never under Triton's CPU interpreter, never below compute capability 9.0.
+LayerNorm-in-GEMM fusion); never under Triton's CPU interpreter, never below compute capability 9.0. The first
+use on a device runs a probe (two dependent kernels, eagerly and replayed from a CUDA graph, their result
+checked): where the driver, CUDA or Triton cannot launch or capture PDL kernels correctly, one warning and the
+ordinary launches, never an error in the engine.
 """
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -37,14 +41,94 @@ def _supported(index: int) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1)
+def _probe_kernel():
+    global triton, tl, _pdl_enter   # the kernel resolves names in this module's globals
+    import triton
+    import triton.language as tl
+
+    from . import gemm_triton
+
+    gemm_triton._build(False)
+    _pdl_enter = gemm_triton._pdl_enter
+
+    @triton.jit
+    def pdl_probe_kernel(x_ptr, y_ptr, n, MUL: tl.constexpr, USE_PDL: tl.constexpr = False):
+        if USE_PDL:
+            _pdl_enter()
+        i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+        m = i < n
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=m) * MUL + 1, mask=m)
+
+    return pdl_probe_kernel
+
+
+def _run_probe(device: torch.device) -> bool:
+    """Three dependent PDL launches (x -> y -> z -> y), eagerly, then captured in a CUDA graph and replayed on
+    new input; True if every result is right. Runs on a side stream (never inside the caller's capture)."""
+    k = _probe_kernel()
+    n = 1 << 16
+    x = torch.arange(n, dtype=torch.float32, device=device)
+    y, z = torch.empty_like(x), torch.empty_like(x)
+
+    def chain():
+        grid = (n // 1024,)
+        k[grid](x, y, n, MUL=2, USE_PDL=True, launch_pdl=True)
+        k[grid](y, z, n, MUL=3, USE_PDL=True, launch_pdl=True)
+        k[grid](z, y, n, MUL=1, USE_PDL=True, launch_pdl=True)
+
+    def expect():
+        return (x * 2 + 1) * 3 + 1 + 1
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        chain()
+        ok = torch.equal(y, expect())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            chain()
+        x.add_(7.0)
+        graph.replay()
+        ok = ok and torch.equal(y, expect())
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    return bool(ok)
+
+
+_probed: dict = {}
+
+
+def _probe(index: int) -> bool:
+    """The probe's verdict for device ``index``, run once (not while the current stream is capturing a graph:
+    then the kernels are launched with PDL and the verdict waits for an eager call)."""
+    hit = _probed.get(index)
+    if hit is not None:
+        return hit
+    device = torch.device("cuda", index)
+    try:
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        ok = _run_probe(device)
+        why = "a wrong result"
+    except Exception as e:   # a driver or Triton without PDL launches or their capture
+        ok, why = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        warnings.warn(f"LSQUANT_PDL=1, but programmatic dependent launch failed its probe on cuda:{index} ({why}); "
+                      "launching kernels without it", RuntimeWarning, stacklevel=3)
+    _probed[index] = ok
+    return ok
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on this device are launched with PDL: LSQUANT_PDL=1, a CUDA device of compute
-    capability >= 9.0, a Triton with grid dependency control, and not Triton's interpreter."""
+    capability >= 9.0, a Triton with grid dependency control, not Triton's interpreter, and the probe passed."""
     if os.environ.get("LSQUANT_PDL", "0") != "1" or device.type != "cuda":
         return False
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
         return False
-    return _supported(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _supported(index) and _probe(index)
 
 
 def launch_args(device: torch.device) -> dict:
