@@ -905,6 +905,25 @@ def _fake_ext(monkeypatch):
     return fake
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+def test_dequant_backend_is_within_its_rounding_bound_cpu(out_dtype, activation):
+    """The dequant fallback (x_q cast, the weight scaled by alpha) against the exact reference, element by
+    element within 2 ulps of the output dtype over the sum of |terms| and |bias|: the rounding of the scaled
+    weight (1/2 ulp per term) and of the output. A misapplied scale would be off by orders of magnitude."""
+    M, N, K = 37, 70, 300
+    w_clip, bias = torch.rand(N) + 0.1, torch.randn(N)
+    layer = G.Int8Linear(rand_i8(N, K), w_clip=w_clip, x_clip=3.0, bias=bias, activation=activation,
+                         out_dtype=out_dtype)
+    x = rand_i8(M, K)
+    ref = G.int8_linear_ref(x, layer.weight, 3.0, w_clip, bias, activation, out_dtype).float()
+    y = G.run_choice(layer, x, {"backend": "dequant"}).float()
+    eps = torch.finfo(out_dtype).eps
+    terms = x.double().abs() @ (layer.weight.double().abs() * layer.alpha.double().reshape(-1, 1)).t()
+    bound = 2 * eps * (terms + layer.bias32.double().abs()) + 1e-6
+    assert (y.double() - ref.double()).abs().le(bound).all()
+
+
 @pytest.mark.parametrize("out_dtype", FLOATS)
 @pytest.mark.parametrize("M", [1, 17, 300])
 def test_residual_cublaslt_fallback_dequant_plumbing_cpu(monkeypatch, out_dtype, M):

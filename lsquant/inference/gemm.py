@@ -23,8 +23,8 @@ reference) can be compared bit for bit:
 Exactness: int32 and int8 outputs are bit-exact across backends (GELU aside: its erf differs by an ulp
 between libraries, so an int8 output after GELU may differ by 1 where ``v * out_inv_scale`` lies within an
 ulp of a rounding boundary; measured and bounded in the tests). Float outputs differ only by the last
-rounding of GELU. The "dequant" backend (an fp16/bf16 GEMM on dequantized operands) is not exact: it is the
-fallback for float outputs, held to twice PyTorch's own fp16/bf16 error.
+rounding of GELU. The "dequant" backend (an fp16/bf16 GEMM of the int8 levels, cast, and the weight scaled by
+alpha) is not exact: it is the fallback for float outputs, held to twice PyTorch's own fp16/bf16 error.
 
 On the CPU the reference runs (:func:`int8_linear_ref`), so engines and tests run without a GPU. On CUDA
 the kernel comes from the tuning cache (:mod:`lsquant.inference.gemm_tuner`), else the default
@@ -377,12 +377,13 @@ class Int8Linear:
             self._w_pad = w
         return self._w_pad
 
-    def w_dequant(self, dtype: torch.dtype) -> torch.Tensor:
-        """(w_q * w_scale[n]) in dtype (N, K), for the dequant fallback; x_scale is applied on x."""
-        if self._w_deq is None or self._w_deq.dtype != dtype:
-            w_scale, _ = scale_and_inv(torch.as_tensor(self.w_clip, dtype=torch.float32,
-                                                       device=self.weight.device).reshape(-1, 1))
-            self._w_deq = (self.weight.float() * w_scale).to(dtype).contiguous()
+    def w_dequant(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w_q * alpha[n] in dtype (N, K), bias in dtype or None), made once, for the dequant fallback. alpha is
+        w_scale[n] * x_scale, so the fallback's x is the int8 levels themselves (exact in fp16 / bf16): one cast
+        of x, no scaling pass, and the GEMM's product approximates fp32(acc) * alpha as the epilogue computes it."""
+        if self._w_deq is None or self._w_deq[0].dtype != dtype:
+            w = (self.weight.float() * self.alpha.reshape(-1, 1)).to(dtype).contiguous()
+            self._w_deq = (w, self.bias32.to(dtype) if self.bias32 is not None else None)
         return self._w_deq
 
     # -- dispatch --
@@ -659,13 +660,17 @@ def _run_dequant(layer: Int8Linear, x2: torch.Tensor, residual: torch.Tensor | N
     if layer.out_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("the dequant backend produces fp16/bf16 outputs only")
     dt = layer.out_dtype
-    x_deq = (x2.to(dt) * layer.x_scale_t.to(dt))  # int8 values are exact in fp16/bf16; one rounding by the scale
-    bias = layer.bias32.to(dt) if layer.bias32 is not None else None
-    y = F.linear(x_deq, layer.w_dequant(dt), bias)
-    if layer.activation == "relu":
-        y = torch.relu(y)
-    elif layer.activation == "gelu":
-        y = F.gelu(y)
+    w, bias = layer.w_dequant(dt)
+    x = x2.to(dt)   # the int8 levels, exact in fp16 / bf16; the scales are in w
+    if layer.activation == "relu" and bias is not None and x.is_cuda:
+        # bias and ReLU in cuBLASLt's epilogue (relu(round(v)) == round(relu(v))): one kernel
+        y = torch._addmm_activation(bias, x, w.t())
+    else:
+        y = F.linear(x, w, bias)
+        if layer.activation == "relu":
+            y = torch.relu(y)
+        elif layer.activation == "gelu":
+            y = F.gelu(y)   # erf GELU (cuBLASLt's GELU epilogue is the tanh approximation)
     return _add_residual(y, residual)
 
 
