@@ -244,10 +244,9 @@ class _BeamSearch(_Search):
             lp, ranked = None, beam_topk(logits, self.scores, t, self.limits, eos, self.banned, K)
         else:
             lp = log_probs(logits, t, self.limits, eos, self.banned).view(B, K, V)   # fp32 [B, K, V]
-        is_open = (self.count < K)[:, None]
-        norm_t = self.norm.index_select(0, t)
         chosen = torch.zeros(B, V, dtype=torch.float32, device=logits.device) if G > 1 else None
         fin_s, fin_tok, keep_s, keep_rows, keep_tok, n_new = [self.fin_scores], [self.fin_tokens], [], [], [], 0
+        is_open = norm_t = None   # made on first use below: the fused path needs neither (two kernels a step)
         for g in range(G):
             if lp is None:
                 top_s, top_i = ranked
@@ -264,6 +263,9 @@ class _BeamSearch(_Search):
                 beam_update(self, top_s, top_i, V)
                 t.add_(1)
                 return
+            if is_open is None:   # the state at the start of the step, shared by the groups
+                is_open = (self.count < K)[:, None]
+                norm_t = self.norm.index_select(0, t)
             beam_i, tok = top_i // V + g * Kg, top_i % V
             is_eos = tok == eos
             # finish: </s> among the first Kg ranks, finite, in a sentence still open
