@@ -225,6 +225,50 @@ def test_fused_beam_bookkeeping_equals_the_reference(triton_interpreter, beams):
                 _check_equal(decoding.beam_search(new, batch, beams, **kw), _ref_beam_search(ref, batch, beams, **kw))
 
 
+class HistoryDecoder(PersistentRandomDecoder):
+    """A decoder with an ancestry table for the search to keep (decoder.history, as the engines' caches use it),
+    checked at every step against the table reordered the explicit way (what the engines did themselves before:
+    anc = anc[rows]; anc[:, t] = arange), starting from garbage."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        N = self.h.shape[0]
+        self.history = torch.full((N, self.max_steps), 77, dtype=torch.int32)
+        self.ref = torch.full((N, self.max_steps), 55, dtype=torch.int32)
+        self.checked = 0
+
+    def step(self, tokens, t, rows=None):
+        if rows is not None:
+            self.ref = self.ref[rows]
+        self.ref[:, t] = torch.arange(self.ref.shape[0], dtype=torch.int32)
+        assert torch.equal(self.history[:, :t + 1], self.ref[:, :t + 1]), t
+        self.checked += 1
+        return super().step(tokens, t, rows)
+
+
+@pytest.mark.parametrize("method,fused", [("beam", False), ("beam", True), ("greedy", False), ("sample", False)])
+def test_the_search_keeps_the_decoders_ancestry_table(method, fused, request):
+    """decoder.history: after each update, row r's positions name the rows its ancestors were cached in, and its
+    next position itself; beam search in PyTorch ops and in the fused bookkeeping kernel (interpreted)."""
+    if fused:
+        request.getfixturevalue("triton_interpreter")
+    for batch, beams, (vocab, bias) in ((1, 3, (7, 1.5)), (5, 4, (12, 0.0)), (3, 5, (4, 1.0))):
+        beams = beams if method == "beam" else 1
+        dec = HistoryDecoder(batch * beams, vocab, beams, bias, shared={})
+        kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=13, device="cpu")
+        if method == "beam":
+            decoding.beam_search(dec, batch, beams, length_penalty=1.0, **kw)
+        elif method == "greedy":
+            decoding.greedy(dec, batch, **kw)
+        else:
+            decoding.sample(dec, batch, top_k=3, seed=1, **kw)
+        assert dec.checked >= 2
+    with pytest.raises(ValueError, match="history must be int32"):
+        bad = HistoryDecoder(6, 7, 0, 0.0, shared={})
+        bad.history = bad.history.long()
+        decoding.greedy(bad, 6, **kw)
+
+
 def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
     """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
     and a vocabulary of one word leaves beams empty."""

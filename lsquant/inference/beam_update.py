@@ -45,9 +45,9 @@ def _build(interpret: bool):
 
     @triton.jit
     def beam_update_kernel(top_s_ptr, top_i_ptr, scores_ptr, seqs_ptr, fin_s_ptr, fin_tok_ptr, count_ptr, norm_ptr,
-                           t_ptr, rows_ptr, tokens_ptr, V, eos, L,
+                           t_ptr, rows_ptr, tokens_ptr, hist_ptr, V, eos, L,
                            K: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr, BLOCK_L: tl.constexpr,
-                           USE_PDL: tl.constexpr = False):
+                           HIST: tl.constexpr = False, USE_PDL: tl.constexpr = False):
         if USE_PDL:
             _pdl_enter()
         b = tl.program_id(0).to(tl.int64)
@@ -97,13 +97,17 @@ def _build(interpret: bool):
         tl.store(fin_s_ptr + b * K + r_old, old_s, mask=old_to)
         tl.store(fin_s_ptr + b * K + r_new, new_s, mask=new_to)
         tl.store(count_ptr + b, count + tl.sum(new_ok.to(tl.int64), 0))
-        # token rows, a chunk of positions at a time: read everything the chunk needs, barrier, write
+        # token rows (and the decoder's ancestry rows, HIST: int32 (N, L), the parent's row with this row's own
+        # index at position t + 1), a chunk of positions at a time: read everything the chunk needs, barrier, write
         src_rows = seqs_ptr + (row0 + beam)[:, None] * L
         for p0 in range(0, L, BLOCK_L):
             p = p0 + tl.arange(0, BLOCK_L)
             pm = p < L
             cand = tl.load(src_rows + p[None, :], mask=jm[:, None] & pm[None, :], other=0)
             old = tl.load(fin_tok_ptr + (b * K + i)[:, None] * L + p[None, :], mask=im[:, None] & pm[None, :], other=0)
+            if HIST:
+                anc = tl.load(hist_ptr + (row0 + beam)[:, None] * L + p[None, :], mask=jm[:, None] & pm[None, :],
+                              other=0)
             tl.debug_barrier()
             at_t = (p == t)[None, :]
             tl.store(fin_tok_ptr + (b * K + r_old)[:, None] * L + p[None, :], old, mask=old_to[:, None] & pm[None, :])
@@ -111,6 +115,10 @@ def _build(interpret: bool):
                      mask=new_to[:, None] & pm[None, :])
             tl.store(seqs_ptr + (row0 + slot)[:, None] * L + p[None, :], tl.where(at_t, tok[:, None], cand),
                      mask=keep[:, None] & pm[None, :])
+            if HIST:
+                own = (row0 + slot).to(tl.int32)
+                tl.store(hist_ptr + (row0 + slot)[:, None] * L + p[None, :],
+                         tl.where((p == t + 1)[None, :], own[:, None], anc), mask=keep[:, None] & pm[None, :])
             tl.debug_barrier()
 
     return beam_update_kernel
@@ -127,8 +135,12 @@ def beam_update(search, top_s: torch.Tensor, top_i: torch.Tensor, V: int) -> Non
     for name, x in (("seqs", search.seqs), ("fin_tokens", search.fin_tokens)):
         if not x.is_contiguous():
             raise ValueError(f"beam_update: search.{name} must be contiguous")
+    hist = search.hist
+    if hist is not None and (hist.stride(1) != 1 or hist.stride(0) != L):
+        raise ValueError("beam_update: search.hist must have rows of L contiguous positions")
     _build(_interpret())[(B,)](
         top_s.contiguous(), top_i.contiguous(), search.scores, search.seqs, search.fin_scores, search.fin_tokens,
-        search.count, search.norm, search.t, search.rows, search.tokens, V, search.eos, L, K=K,
+        search.count, search.norm, search.t, search.rows, search.tokens, hist if hist is not None else search.t, V,
+        search.eos, L, K=K, HIST=hist is not None,
         K2=max(2, triton.next_power_of_2(2 * K)), KP=max(2, triton.next_power_of_2(K)),
         BLOCK_L=min(128, max(16, triton.next_power_of_2(L))), num_warps=4, **pdl.launch_args(top_s.device))

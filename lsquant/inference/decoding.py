@@ -33,6 +33,10 @@ A decoder may also define
         for the same name, shape and dtype), so a captured graph finds the state of every later request at
         the same addresses; contents on return are undefined
     max_steps: int: the time dimension of the state buffers (>= max_len; default max_len)
+    history: int32 [N, max_steps]: an ancestry table the search keeps for the decoder (an engine whose caches are
+        never reordered: lsquant.inference.attention), in the update, with the token rows: after the update of
+        step t, history[r, j] for j <= t is history[parent of r, j] before it, and history[r, t + 1] = r; at the
+        start history[r, 0] = r (greedy and sampling never reorder: history[r, j] = r for every j)
 
 pad and bos are never generated. All return (tokens [batch, beams, T] int64, padded with pad after </s>, without the leading <s>;
 scores [batch, beams] fp32, best first). Scores are sums of log-probabilities divided by length ** alpha
@@ -121,6 +125,13 @@ class _Search:
         self.limits[1].fill_(max_len)
         self.tokens = a("tokens", (self.N,), torch.long).fill_(bos)
         self.rows = None
+        self.hist = getattr(decoder, "history", None)
+        if self.hist is not None:
+            if self.hist.dtype != torch.int32 or tuple(self.hist.shape) != (self.N, self.L):
+                raise ValueError(f"decoder.history must be int32 {(self.N, self.L)}, got {self.hist.dtype} "
+                                 f"{tuple(self.hist.shape)}")
+            self.hist_rows = a("hist_rows", (self.N,), torch.int32)
+            torch.arange(self.N, out=self.hist_rows)
 
     def rows_for(self, t: int):
         return self.rows if self.reorders and t > 0 else None
@@ -137,6 +148,8 @@ class _PathSearch(_Search):
         self.scores = a("scores", (B,), torch.float32).zero_()
         self.out = a("out", (B, L), torch.long).fill_(pad)
         self.steps = a("steps", (1,), torch.long).zero_()   # steps the reference loop would have run
+        if self.hist is not None:   # no reorder ever: every position of row r is its own
+            self.hist.copy_(self.hist_rows[:, None].expand(B, L))
         self.sample = sample
         if sample is None:
             self.temperature = 1.0
@@ -224,6 +237,8 @@ class _BeamSearch(_Search):
         # length ** alpha per position, computed by Python's float pow once (what the fp64 division expects)
         self.norm = a("norm", (L,), torch.float64)
         self.norm.copy_(torch.tensor([(t + 1) ** length_penalty for t in range(L)], dtype=torch.float64))
+        if self.hist is not None:
+            self.hist[:, 0] = self.hist_rows
 
     def update(self, logits: torch.Tensor) -> None:
         """logits [N, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes).
@@ -294,6 +309,10 @@ class _BeamSearch(_Search):
         nxt = torch.cat(keep_tok, dim=1).reshape(N)
         self.seqs.copy_(self.seqs.index_select(0, rows))
         self.seqs.index_copy_(1, t, nxt[:, None])
+        if self.hist is not None:   # (the fused kernel does the same; at the last step t + 1 = L: no column)
+            self.hist.copy_(self.hist.index_select(0, rows))
+            self.hist.index_copy_(1, (t + 1).clamp(max=L - 1), torch.where(t + 1 < L, self.hist_rows,
+                                  self.hist[:, L - 1])[:, None])
         self.rows.copy_(rows)
         self.tokens.copy_(nxt)
         t.add_(1)

@@ -169,7 +169,6 @@ class _Engine:
         # anc[row, j]: the cache row that holds row's key at position j (lsquant.inference.attention); zeros: an
         # entry not yet written must still name a valid row (the reference path gathers a whole bucket)
         self.anc = torch.zeros((rows, self.max_tgt_len), dtype=torch.int32, device=self.device)
-        self._rows = torch.arange(rows, dtype=torch.int32, device=self.device)
         self._emb_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32)   # a host scalar, as embedding_ref
         self._state: dict = {}     # decoding state buffers, (name, shape, dtype) -> tensor
         self.cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
@@ -302,6 +301,9 @@ class _Engine:
             # the request's cross-attention K/V are in the engine's buffers already (_encode_request)
             self.e, self.max_steps = eng, eng.max_tgt_len
             self.src_bucket = _bucket(enc.shape[1], eng.max_src_len)
+            # the ancestry table of the self-attention caches, kept by the search in its update (with the beams'
+            # token rows: lsquant.inference.decoding), so a step has no kernel of its own for it
+            self.history = eng.anc[:enc.shape[0] * beams]
 
         def buffer(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
             return self.e._buffer(name, shape, dtype)
@@ -393,11 +395,8 @@ class _Engine:
         B, K, N, t = search.batch, search.beams, search.N, search.t
         c = self.cfg
         H, nH = c.hidden_size, c.nhead
-        # the beam reorder moves the ancestry table, never the caches (lsquant.inference.attention)
+        # the beam reorder moves the ancestry table (search.update did, see _Decoder), never the caches
         anc = self.anc
-        if search.reorders:
-            anc[:N].copy_(anc[:N].index_select(0, search.rows))
-        anc[:N].index_copy_(1, t, self._rows[:N, None])
         cross_mask = self.cross_mask[:B, :src_bucket]
         x = self._embed_step(search.tokens, t)
         for i, L in enumerate(self.dec):
