@@ -14,7 +14,8 @@ for max_batch_size * beams rows and max_tgt_len positions, the cross-attention K
 sentences and max_src_len positions, shared by the beams of a sentence) or on the first request of its shape
 (the search state of lsquant.inference.decoding), and a step reads the position from a device tensor. It
 attends over a cache-length bucket (16, 32, 64, ... up to max_tgt_len; keys beyond the position are masked)
-and over a source-length bucket, reorders the beams' cache rows by their parents, and ends with the output
+and over a source-length bucket, reads the beams' cached keys through the ancestry table that the search keeps
+(the caches never move), and ends with the output
 projection and the search update (log-softmax, top-k, finished hypotheses). So one step program serves every
 position inside a bucket: on CUDA it is captured once per (search shape, source bucket, cache bucket) in a
 CUDA graph and replayed; on the CPU the same code runs eagerly. An engine serves one request at a time.
