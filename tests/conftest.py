@@ -25,7 +25,7 @@ def _seed():
 
 # modules whose Triton kernels are built per interpret mode (a functools.lru_cache named _build)
 TRITON_MODULES = ("lsquant.inference.gemm_triton", "lsquant.inference.attention", "lsquant.inference.embed_step",
-                  "lsquant.inference.beam_update", "lsquant.inference.rough_topk")
+                  "lsquant.inference.beam_update", "lsquant.inference.rough_topk", "lsquant.inference.path_update")
 
 
 @pytest.fixture

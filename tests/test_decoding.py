@@ -269,6 +269,39 @@ def test_the_search_keeps_the_decoders_ancestry_table(method, fused, request):
         decoding.greedy(bad, 6, **kw)
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_fused_greedy_and_top_k_sampling_equal_the_reference(triton_interpreter, batch):
+    """The one-kernel update (lsquant.inference.path_update, run by Triton's CPU interpreter) against the PyTorch
+    ops it replaces: the same tokens, and the scores to fp32 rounding (its sums run in another order); ties
+    everywhere (logits in multiples of 0.5), min_len, early stops, the state buffers reused."""
+    import os
+
+    n = 0
+    # vocabulary 5000: two blocks of the kernel's sweep, ties across them
+    for max_len, min_len, (vocab, bias) in itertools.product([1, 9], [0, 4], [(7, 1.5), (4, 1.0), (5000, 0.0)]):
+        for method, kw in (("greedy", {}), ("sample", dict(top_k=0, seed=1)), ("sample", dict(top_k=1, seed=2)),
+                           ("sample", dict(top_k=3, seed=3, temperature=0.7)), ("sample", dict(top_k=64, seed=4))):
+            if vocab > 1000 and kw.get("top_k") == 0:
+                # the CDF over 5000 nonzero probabilities: its fp32 / fp64 sums in another order move each step by
+                # ~1e-7, and u falls that close to one of 5000 steps about once in a few hundred draws
+                continue
+            kw = dict(kw, bos=BOS, eos=EOS, pad=PAD, max_len=max_len, device="cpu", min_len=min_len)
+            shared = {}
+            for seed in (0, 1):
+                ref, new = _decoders(batch, vocab, seed + 3 * vocab, bias, shared)
+                run = decoding.greedy if method == "greedy" else decoding.sample
+                os.environ["LSQUANT_FUSED_PATH"] = "0"
+                try:
+                    want = run(ref, batch, **kw)
+                finally:
+                    os.environ.pop("LSQUANT_FUSED_PATH")
+                got = run(new, batch, **kw)
+                assert torch.equal(got[0], want[0]), (method, kw)
+                torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+                n += 1
+    assert n > 0
+
+
 def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
     """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
     and a vocabulary of one word leaves beams empty."""

@@ -26,7 +26,7 @@ def test_off_by_default_and_never_on_the_cpu(monkeypatch):
 
 # every decode-step kernel: (module, kernel, pointer argument types, float arguments, constexprs)
 _KERNELS = """
-from lsquant.inference import attention, beam_update, embed_step, gemm_triton, rough_topk
+from lsquant.inference import attention, beam_update, embed_step, gemm_triton, path_update, rough_topk
 g = gemm_triton._build(False)
 epi = dict(HAS_BIAS=True, ACT=1, OUT_KIND=2, HAS_RES=True)
 gemm_ptrs = dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*fp16", alpha_ptr="*fp32", bias_ptr="*fp32", inv_ptr="*fp32",
@@ -50,9 +50,12 @@ KERNELS = [
     ("rank", rank, topk_ptrs, (), dict(K2=8, BLOCK_KW=4096)),
     ("beam_update", beam_update._build(False), dict(top_s_ptr="*fp32", top_i_ptr="*i64", scores_ptr="*fp32",
      seqs_ptr="*i64", fin_s_ptr="*fp64", fin_tok_ptr="*i64", count_ptr="*i64", norm_ptr="*fp64", t_ptr="*i64",
-     rows_ptr="*i64", tokens_ptr="*i64"), (), dict(K=4, K2=8, KP=4, BLOCK_L=64)),
+     rows_ptr="*i64", tokens_ptr="*i64", hist_ptr="*i32"), (), dict(K=4, K2=8, KP=4, BLOCK_L=64, HIST=True)),
     ("embed_step", embed_step._build(False), dict(tok_ptr="*i64", rows_ptr="*i8", rscale_ptr="*fp32",
      pos_ptr="*fp16", t_ptr="*i64", out_ptr="*fp16"), ("scale",), dict(INT8=True, BLOCK_H=512)),
+    ("path_update", path_update._build(False), dict(x_ptr="*fp16", t_ptr="*i64", lim_ptr="*i64", done_ptr="*i1",
+     scores_ptr="*fp32", steps_ptr="*i64", out_ptr="*i64", tokens_ptr="*i64", u_ptr="*fp64", sync_ptr="*i32"),
+     ("inv_temp",), dict(SAMPLE=True, TOP_K=4, KP=4, BLOCK=4096)),
 ]
 """
 

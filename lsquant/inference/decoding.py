@@ -95,6 +95,16 @@ def _rough_topk(logits: torch.Tensor) -> bool:
     return os.environ.get("LSQUANT_ROUGH_TOPK", "1") != "0" and logits.is_cuda and use_kernel(logits)
 
 
+def _fused_path(logits: torch.Tensor) -> bool:
+    """Whether greedy decoding and top-k sampling update in one kernel (lsquant.inference.path_update; CUDA, or
+    Triton's interpreter in tests; the environment variable LSQUANT_FUSED_PATH=0 turns it off)."""
+    import os
+
+    from .attention import use_kernel
+
+    return os.environ.get("LSQUANT_FUSED_PATH", "1") != "0" and use_kernel(logits)
+
+
 def _fused_bookkeeping(logits: torch.Tensor) -> bool:
     """Whether beam search's bookkeeping runs as one kernel (CUDA, or Triton's interpreter in tests; the
     environment variable LSQUANT_FUSED_BEAM=0 turns it off)."""
@@ -148,6 +158,7 @@ class _PathSearch(_Search):
         self.scores = a("scores", (B,), torch.float32).zero_()
         self.out = a("out", (B, L), torch.long).fill_(pad)
         self.steps = a("steps", (1,), torch.long).zero_()   # steps the reference loop would have run
+        self.sync = a("path_sync", (2,), torch.int32).zero_()   # the fused update's arrival counter and flag
         if self.hist is not None:   # no reorder ever: every position of row r is its own
             self.hist.copy_(self.hist_rows[:, None].expand(B, L))
         self.sample = sample
@@ -185,6 +196,12 @@ class _PathSearch(_Search):
 
     def update(self, logits: torch.Tensor) -> None:
         """logits [B, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes)."""
+        if _fused_path(logits):
+            from . import path_update
+
+            if path_update.supported(self):   # the same step in one kernel
+                path_update.path_update(self, logits)
+                return
         t, pad, eos = self.t, self.pad, self.eos
         lp = log_probs(logits.float() / self.temperature, t, self.limits, eos, self.banned)
         tok = torch.where(self.done, pad, self._choose(lp))
