@@ -377,6 +377,29 @@ def test_device_search_on_cuda_equals_the_cpu_reference():
                        _ref_sample(ref, 5, device="cpu", **kw)[0])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_greedy_and_sampling_on_cuda_equal_the_pytorch_ops(dtype):
+    """lsquant.inference.path_update on the GPU, a 32,000-word vocabulary in fp16 / bf16 / fp32 logits (eight
+    blocks a sweep): greedy and top-k sampling give the PyTorch ops' tokens, scores to fp32 rounding (the engines'
+    graph tests replay it from CUDA graphs). The temperature: fp32(1 / T) times x, as PyTorch's CUDA division."""
+    class Vocab(SmoothDecoder):
+        def step(self, tokens, t, rows=None):
+            return super().step(tokens, t, rows).to(dtype)
+
+    for method, kw in (("greedy", {}), ("sample", dict(top_k=4, seed=5)), ("sample", dict(top_k=40, seed=6,
+                                                                                         temperature=0.8))):
+        run = decoding.greedy if method == "greedy" else decoding.sample
+        kw = dict(kw, bos=BOS, eos=EOS, pad=PAD, max_len=17, min_len=3, device="cuda")
+        outs = {}
+        for flag in ("0", "1"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("LSQUANT_FUSED_PATH", flag)
+                outs[flag] = run(Vocab(6, 32000, 7, 1.0, device="cuda"), 6, **kw)
+        assert torch.equal(outs["0"][0], outs["1"][0]), (method, dtype)
+        torch.testing.assert_close(outs["0"][1], outs["1"][1], rtol=1e-5, atol=1e-5)
+
+
 # ---- diverse beam search ------------------------------------------------------------------------------------------
 
 class SmoothDecoder(RandomDecoder):
