@@ -50,7 +50,7 @@ KERNELS = [
     ("rank", rank, topk_ptrs, (), dict(K2=8, BLOCK_KW=4096)),
     ("beam_update", beam_update._build(False), dict(top_s_ptr="*fp32", top_i_ptr="*i64", scores_ptr="*fp32",
      seqs_ptr="*i64", fin_s_ptr="*fp64", fin_tok_ptr="*i64", count_ptr="*i64", norm_ptr="*fp64", t_ptr="*i64",
-     rows_ptr="*i64", tokens_ptr="*i64", hist_ptr="*i32"), (), dict(K=4, K2=8, KP=4, BLOCK_L=64, HIST=True)),
+     rows_ptr="*i64", tokens_ptr="*i64", hist_ptr="*i32", sync_ptr="*i32"), (), dict(K=4, K2=8, KP=4, BLOCK_L=64, HIST=True)),
     ("embed_step", embed_step._build(False), dict(tok_ptr="*i64", rows_ptr="*i8", rscale_ptr="*fp32",
      pos_ptr="*fp16", t_ptr="*i64", out_ptr="*fp16"), ("scale",), dict(INT8=True, BLOCK_H=512)),
     ("path_update", path_update._build(False), dict(x_ptr="*fp16", t_ptr="*i64", lim_ptr="*i64", done_ptr="*i1",

@@ -45,7 +45,7 @@ def _build(interpret: bool):
 
     @triton.jit
     def beam_update_kernel(top_s_ptr, top_i_ptr, scores_ptr, seqs_ptr, fin_s_ptr, fin_tok_ptr, count_ptr, norm_ptr,
-                           t_ptr, rows_ptr, tokens_ptr, hist_ptr, V, eos, L,
+                           t_ptr, rows_ptr, tokens_ptr, hist_ptr, sync_ptr, V, eos, L, B,
                            K: tl.constexpr, K2: tl.constexpr, KP: tl.constexpr, BLOCK_L: tl.constexpr,
                            HIST: tl.constexpr = False, USE_PDL: tl.constexpr = False):
         if USE_PDL:
@@ -120,13 +120,19 @@ def _build(interpret: bool):
                 tl.store(hist_ptr + (row0 + slot)[:, None] * L + p[None, :],
                          tl.where((p == t + 1)[None, :], own[:, None], anc), mask=keep[:, None] & pm[None, :])
             tl.debug_barrier()
+        # the last program to arrive (every other one has read t) advances the position and resets the counter
+        arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
+        if arrived == B - 1:
+            tl.store(t_ptr, t + 1)
+            tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
 
     return beam_update_kernel
 
 
 def beam_update(search, top_s: torch.Tensor, top_i: torch.Tensor, V: int) -> None:
     """Apply one step of plain beam search (search: a _BeamSearch with one group) from the ranked extensions
-    top_s (B, 2K) fp32, top_i (B, 2K) int64 = beam * V + token; everything but ``search.t += 1``."""
+    top_s (B, 2K) fp32, top_i (B, 2K) int64 = beam * V + token; ``search.t += 1`` included (the last program to
+    arrive at ``search.sync``, an int32 counter left at zero)."""
     import triton
 
     B, K, L = search.B, search.K, search.L
@@ -140,7 +146,7 @@ def beam_update(search, top_s: torch.Tensor, top_i: torch.Tensor, V: int) -> Non
         raise ValueError("beam_update: search.hist must have rows of L contiguous positions")
     _build(_interpret())[(B,)](
         top_s.contiguous(), top_i.contiguous(), search.scores, search.seqs, search.fin_scores, search.fin_tokens,
-        search.count, search.norm, search.t, search.rows, search.tokens, hist if hist is not None else search.t, V,
-        search.eos, L, K=K, HIST=hist is not None,
+        search.count, search.norm, search.t, search.rows, search.tokens, hist if hist is not None else search.t,
+        search.sync, V, search.eos, L, B, K=K, HIST=hist is not None,
         K2=max(2, triton.next_power_of_2(2 * K)), KP=max(2, triton.next_power_of_2(K)),
         BLOCK_L=min(128, max(16, triton.next_power_of_2(L))), num_warps=4, **pdl.launch_args(top_s.device))

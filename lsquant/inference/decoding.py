@@ -251,6 +251,7 @@ class _BeamSearch(_Search):
         self.fin_tokens = a("fin_tokens", (B, K, L), torch.long).fill_(pad)
         self.fin_tokens[:, :, 0] = eos   # an empty slot reads (-inf, [</s>])
         self.count = a("count", (B,), torch.long).zero_()
+        self.sync = a("beam_sync", (1,), torch.int32).zero_()   # the bookkeeping kernel's arrival counter
         # length ** alpha per position, computed by Python's float pow once (what the fp64 division expects)
         self.norm = a("norm", (L,), torch.float64)
         self.norm.copy_(torch.tensor([(t + 1) ** length_penalty for t in range(L)], dtype=torch.float64))
@@ -292,8 +293,7 @@ class _BeamSearch(_Search):
                 # the rest of the step in one kernel (lsquant.inference.beam_update), same rules
                 from .beam_update import beam_update
 
-                beam_update(self, top_s, top_i, V)
-                t.add_(1)
+                beam_update(self, top_s, top_i, V)   # t += 1 included
                 return
             if is_open is None:   # the state at the start of the step, shared by the groups
                 is_open = (self.count < K)[:, None]
