@@ -30,7 +30,7 @@ from lsquant.inference.transformer_engine import QuantTransformer, Transformer a
 # (category, regex over the lower-cased kernel name), first match wins
 CATEGORIES = [
     ("attention", r"fmha|flash|attention|softmax_fwd|softmax_bwd|masked_softmax|sdpa|efficient_attention"),
-    ("decoding", r"log_softmax|softmax|topk|sort|radix|scan|cumsum|argmax|gather_topk|bitonic|multinomial|beam_update|_threshold|_candidates"),
+    ("decoding", r"log_softmax|softmax|topk|sort|radix|scan|cumsum|argmax|gather_topk|bitonic|multinomial|beam_update|path_update|_threshold|_candidates|_finish|_rank"),
     ("gemm", r"gemm|gemv|matmul|mm_kernel|int8|cutlass|xmma|sm90|sm80|ampere|hopper|wgmma|cublas|splitk"),
     ("layernorm", r"layer_?norm|ln_fwd|ln_bwd"),
     ("quantize", r"quantiz|dequant"),
