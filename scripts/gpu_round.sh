@@ -41,6 +41,8 @@ grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
 # batch 128 (512 rows a step): where int8 / fp16 was 1.01x; nothing in it was profiled before
 run profile128 90 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --batch 128 --out "$W/profile128.csv"
 grep -A9 "^lsquant_" "$W/profile128.log" | grep -v "^--"
+run profile_sample 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --method sample --out "$W/profile_sample.csv"
+grep -A9 "^lsquant_" "$W/profile_sample.log" | grep -v "^--"
 bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
