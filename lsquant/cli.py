@@ -27,6 +27,21 @@ def _cmd_build(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _cmd_env(sub) -> None:
+    p = sub.add_parser("env", help="what this machine offers: versions, GPU, kernels, tuning cache, settings",
+                       description="Print the versions lsquant runs with, the GPU, which kernels can run here "
+                                   "(Triton, TMA, CUTLASS, programmatic dependent launch), the GEMM tuning cache "
+                                   "and the LSQUANT_* environment variables set. Builds and launches nothing.")
+
+    def run(args) -> int:
+        from lsquant.env import format_report, report
+
+        print(format_report(report()))
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def _cmd_quickstart(sub) -> None:
     p = sub.add_parser("quickstart", help="run the whole pipeline on a small example and print a summary",
                        description="Train a small translation Transformer, fine-tune it with QAT, calibrate a "
@@ -261,7 +276,7 @@ def _cmd_recipe(sub) -> None:
     p.set_defaults(func=run_infer)
 
 
-COMMANDS = [_cmd_build, _cmd_quickstart, _cmd_recipe, _cmd_eval, _cmd_tune]
+COMMANDS = [_cmd_build, _cmd_env, _cmd_quickstart, _cmd_recipe, _cmd_eval, _cmd_tune]
 
 
 def main(argv: list[str] | None = None) -> int:

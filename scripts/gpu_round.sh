@@ -15,6 +15,7 @@ pack() { tar czf "$OUT/round.tgz" -C "$W" .; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 { python3 -m pip install -q --no-deps --no-build-isolation -e . && python3 -m lsquant build -q; } > "$W/setup.log" 2>&1 \
   || { tail -30 "$W/setup.log"; exit 1; }
+python3 -m lsquant env | tee -a "$W/setup.log" | grep -E "^(GPU|triton|torch|programmatic|CUTLASS)"
 run() {  # name, limit (s), command...
   local name=$1 limit=$2; shift 2
   timeout "$limit" "$@" > "$W/$name.log" 2>&1; echo "== $name: rc=$? $(tail -1 "$W/$name.log")"; pack

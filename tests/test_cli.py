@@ -22,6 +22,27 @@ def test_build_without_gpu_says_so(capsys):
     assert "need an NVIDIA GPU" in capsys.readouterr().err
 
 
+def test_env_reports_the_machine_and_the_settings(capsys, monkeypatch, tmp_path):
+    """`lsquant env`: versions, the GPU (or its absence), the kernels that can run, the tuning cache and each
+    LSQUANT_* variable set, with what it switches; nothing built."""
+    import json
+
+    cache = tmp_path / "tune.json"
+    cache.write_text(json.dumps({"version": 1, "envs": {"cpu|x": {"a": {}, "b": {}}, "other GPU|y": {"c": {}}}}))
+    monkeypatch.setenv("LSQUANT_GEMM_CACHE", str(cache))
+    monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
+    monkeypatch.delenv("LSQUANT_PDL", raising=False)
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("lsquant ") and torch.__version__ in out and "LSQUANT_LN_GEMM" in out and "LayerNorm fused" in out
+    assert "LSQUANT_PDL " not in out   # only what is set
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    mine = 2 if gpu == "cpu" else 0
+    assert f"{cache}: {mine} shapes for this GPU, 3 in all" in out
+    if not torch.cuda.is_available():
+        assert "none: the CPU reference path runs" in out and "not buildable here" in out
+
+
 def test_quickstart_runs_on_this_machine(tmp_path):
     """The README's main command, shortened: a few steps per stage, a slice of the test split."""
     out = subprocess.run([sys.executable, "-m", "lsquant", "quickstart", "--run-dir", str(tmp_path / "qs"),
