@@ -2,7 +2,7 @@
 # One device call (~9 min) for the decode-step changes: the LayerNorm fused into the int8 GEMM (Int8Linear.ln_call),
 # programmatic dependent launch of the step's Triton kernels (LSQUANT_PDL=1, lsquant/inference/pdl.py), the beam
 # ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the engines end to end
-# (base: int8 fused / fused + PDL / not fused / fused up to 128 rows, fp16 without and with PDL; big: int8 and fp16
+# (base: int8 fused / fused + PDL / not fused / fused up to 512 rows, fp16 without and with PDL; big: int8 and fp16
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
@@ -23,7 +23,7 @@ run() {  # name, limit (s), command...
 bench() {  # name, env assignments..., -- bench_engine arguments...
   local name=$1; shift
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
-  run "engine_$name" 120 env "${envs[@]}" python3 bench/bench_engine.py --src-lens 16 --graph on \
+  run "engine_$name" 150 env "${envs[@]}" python3 bench/bench_engine.py --src-lens 16 --graph on \
     --out "$W/engine_$name.csv" "$@"
   grep -v "^\[" "$W/engine_$name.log" | grep "tok/s" | sed 's/^/   /'
 }
@@ -34,8 +34,8 @@ run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py
   tests/test_rough_topk.py tests/test_quantize_cuda.py tests/test_attention.py tests/test_engine_transformer.py \
   tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
-bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
-bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
+bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
 run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
@@ -47,7 +47,8 @@ grep -A9 "^lsquant_" "$W/profile_sample.log" | grep -v "^--"
 bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
-bench base_fused128 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=128 -- --models base --batches 32 --impls lsquant_int8
+# the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
+bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
 else
 pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1
 run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available()); \

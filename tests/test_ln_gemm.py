@@ -116,6 +116,27 @@ def test_ln_fused_follows_the_environment(monkeypatch):
     assert G.ln_fused() == gemm_triton.available()
 
 
+def test_ln_config_keeps_the_prologue_in_registers():
+    """The fused kernel's tiles: the tuned tiled choice if at most 64 x 128 (taller ones spill the prologue's fp32
+    tiles, compiled for sm_90), the default up to 64 rows, else the best-ranked tiled config within that bound;
+    never a TMA or split-K config (another kernel)."""
+    from lsquant.inference import gemm_triton as GT
+
+    layer = G.Int8Linear(torch.zeros(32000, 512, dtype=torch.int8), w_clip=torch.ones(32000), x_clip=1.0,
+                         out_dtype=torch.float16)
+    assert layer.ln_config(8) == G.DEFAULT_TRITON_CONFIG
+    for M in (128, 512, 4096):
+        c = layer.ln_config(M)
+        assert c.get("KERNEL", "tiled") == "tiled" and c["BLOCK_M"] <= 64 and c["BLOCK_M"] * c["BLOCK_N"] <= 8192, M
+    small = GT.config_dict((16, 128, 128, 4, 5, 1))
+    layer.choices[8] = {"backend": "triton", "config": small}
+    assert layer.ln_config(8) == small
+    layer.choices[512] = {"backend": "triton", "config": GT.config_dict((128, 128, 128, 4, 3, 8))}
+    assert layer.ln_config(512)["BLOCK_M"] <= 64
+    layer.choices[8] = {"backend": "triton", "config": GT.splitk_config_dict((16, 32, 256, 4, 3), 4)}
+    assert layer.ln_config(8) == G.DEFAULT_TRITON_CONFIG
+
+
 def test_fused_kernel_compiles_for_sm90():
     """The compiled path lowers the fused kernel for an H100 (PTX and ptxas, no GPU needed), fp16 and bf16, with
     the default tiled config the engines use; in a fresh process with an empty cache."""

@@ -454,11 +454,24 @@ class Int8Linear:
 
     def ln_config(self, M: int) -> dict:
         """The fused LayerNorm + GEMM kernel's tiles for M rows: the tuned choice of M's bucket where that is
-        the tiled Triton kernel (the same loop over K, plus the prologue), else the default tiled config."""
+        the tiled Triton kernel with tiles of at most 64 x 128 (the same loop over K, plus the prologue); else, up
+        to 64 rows, the default tiled config, and beyond, the best-ranked tiled config of at most 64 x 128.
+        Compiled for sm_90 as launched (K and strides divisible by 16), the fused kernel takes 96 registers at
+        16 x 32 x 256, 168 at 32 x 64 x 256, 180-255 at 64 x 128 x 128, all without spilling; 64 x 256 x 128
+        spills 248 bytes a thread and 128 x 128 x 128 ~2 KB (the prologue's fp32 tiles next to the accumulator), so
+        tiles over 64 x 128 are not used."""
+        def fits(cfg):
+            return cfg["BLOCK_M"] <= 64 and cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 64 * 128
+
         c = self.choice_for(M)
-        if c.get("backend") == "triton" and c["config"].get("KERNEL", "tiled") == "tiled":
+        if c.get("backend") == "triton" and c["config"].get("KERNEL", "tiled") == "tiled" and fits(c["config"]):
             return c["config"]
-        return DEFAULT_TRITON_CONFIG
+        if M <= DEFAULT_TRITON_MAX_M:
+            return DEFAULT_TRITON_CONFIG
+        from .gemm_triton import CONFIGS, candidate_configs
+
+        ranked = [c for c in candidate_configs(M, self.N, self.K, len(CONFIGS)) if fits(c)]
+        return ranked[0] if ranked else DEFAULT_TRITON_CONFIG
 
     def _dispatch(self, x2: torch.Tensor, choice: dict | None = None, residual: torch.Tensor | None = None
                   ) -> torch.Tensor:
