@@ -37,6 +37,8 @@ grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
+# the attention kernel's former tile (4 warps x 64 keys: 4 programs an SM) against the default (2 x 32: 12)
+bench base_attn4x64 LSQUANT_LN_GEMM=1 LSQUANT_ATTN_TILE=4,64 -- --models base --batches 8 128 --impls lsquant_int8
 run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
 # batch 128 (512 rows a step): where int8 / fp16 was 1.01x; nothing in it was profiled before

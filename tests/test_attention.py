@@ -101,6 +101,25 @@ def test_cross_attention_kernel_interpreted(triton_interpreter, B, beams, nH, D,
     _check_cross("cpu", B, beams, nH, D, S, torch.float32)
 
 
+@pytest.mark.parametrize("tile", ["1,16", "4,64"])
+def test_kernel_tiles_interpreted(triton_interpreter, monkeypatch, tile):
+    """Other (warps, keys per block) than the default (2, 32): 16 keys a block walk a 37-key history in three
+    blocks, 64 in one; the same values up to the summation order."""
+    monkeypatch.setenv("LSQUANT_ATTN_TILE", tile)
+    _check_self("cpu", 5, 2, 12, 40, 37, True, torch.float32)
+    _check_cross("cpu", 3, 2, 2, 12, 37, torch.float32)
+
+
+def test_kernel_tile_setting(monkeypatch):
+    monkeypatch.delenv("LSQUANT_ATTN_TILE", raising=False)
+    assert A.tile() == (2, 32)
+    monkeypatch.setenv("LSQUANT_ATTN_TILE", "4,64")
+    assert A.tile() == (4, 64)
+    monkeypatch.setenv("LSQUANT_ATTN_TILE", "3,64")
+    with pytest.raises(ValueError, match="LSQUANT_ATTN_TILE"):
+        A.tile()
+
+
 def test_ancestry_table_equals_reordered_cache():
     """Three steps of beam reorders: attending through anc over a cache that never moves equals the engine's
     earlier scheme (gather the cache rows by parent every step, write position t, attend over 0..t)."""
@@ -160,6 +179,15 @@ def test_self_attention_kernel_cuda_int8_out(dtype):
 def test_cross_attention_kernel_cuda(B, beams, nH, D, S, dtype):
     _check_cross("cuda", B, beams, nH, D, S, dtype)
     _check_cross("cuda", B, beams, nH, D, S, dtype, out_int8=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile", ["1,16", "4,64", "8,128"])
+def test_kernel_tiles_cuda(monkeypatch, tile):
+    monkeypatch.setenv("LSQUANT_ATTN_TILE", tile)
+    _check_self("cuda", 12, 8, 64, 64, 40, True, torch.float16)
+    _check_self("cuda", 12, 8, 64, 64, 40, True, torch.float16, out_int8=True)
+    _check_cross("cuda", 9, 4, 16, 64, 97, torch.bfloat16)
 
 
 @pytest.mark.cuda

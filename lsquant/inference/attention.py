@@ -203,6 +203,24 @@ def _kernel():
     return _build(_interpret())
 
 
+def tile() -> tuple[int, int]:
+    """(num_warps, keys per block at head_dim 64) of the kernel: (2, 32). One program per (row, head) is latency
+    bound (dependent gathers through ``anc``), so what decides the time at large batch is how many programs an SM
+    holds: compiled for sm_90 as launched, 2 warps x 32 keys take 80 registers (self-attention; 64 cross), 12 (16)
+    programs an SM, where 4 warps x 64 keys took 128 registers, 4 an SM: at batch 128, beam 4 (4,096 programs) 2.6
+    waves instead of 7.8. Each thread holds the same 32 key elements either way, so a block of keys costs the same;
+    outputs over 32 tokens take two blocks. ``LSQUANT_ATTN_TILE=warps,keys`` overrides it (comparisons)."""
+    import os
+
+    v = os.environ.get("LSQUANT_ATTN_TILE")
+    if v:
+        w, k = (int(x) for x in v.split(","))
+        if w not in (1, 2, 4, 8) or k not in (16, 32, 64, 128):
+            raise ValueError(f"LSQUANT_ATTN_TILE must be warps,keys with warps in 1/2/4/8 and keys in 16..128, got {v!r}")
+        return w, k
+    return 2, 32
+
+
 def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool, nhead: int):
     import triton
 
@@ -213,14 +231,15 @@ def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool,
     dummy = _dummy(q.device)   # kv scales (no int8 cache) and out_inv (float output) unused
     kv_scale, kv_inv = kv if kv is not None else (dummy, dummy)
     BLOCK_D = triton.next_power_of_2(D)
+    warps, keys = tile()
     _kernel()[(N, nhead)](
         q, q.stride(0), new if new is not None else q, new.stride(0) if new is not None else 0,
         cache, cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3),
         anc if anc is not None else t, anc.stride(0) if anc is not None else 0,
         mask if mask is not None else t, mask.stride(0) if mask is not None else 0,
         t, L, kv_scale, kv_inv, out, out.stride(0), out_inv if int8_out else dummy, D ** -0.5, H, beams,
-        D=D, BLOCK_D=BLOCK_D, BLOCK_J=max(16, min(64, 4096 // BLOCK_D)), SELF=self_attn,
-        INT8_KV=kv is not None, OUT_INT8=int8_out, num_warps=4, **pdl.launch_args(q.device))
+        D=D, BLOCK_D=BLOCK_D, BLOCK_J=max(16, min(keys, keys * 64 // BLOCK_D)), SELF=self_attn,
+        INT8_KV=kv is not None, OUT_INT8=int8_out, num_warps=warps, **pdl.launch_args(q.device))
     return out
 
 
