@@ -302,6 +302,28 @@ def test_fused_greedy_and_top_k_sampling_equal_the_reference(triton_interpreter,
     assert n > 0
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_a_fused_update_that_cannot_run_falls_back_to_the_pytorch_ops(triton_interpreter, monkeypatch, method):
+    """A fused search kernel that fails (a Triton or driver that rejects it) warns once and the search goes on with
+    the PyTorch ops, with the same results."""
+    from lsquant.inference import beam_update, path_update
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(decoding, "_fused_failed", set())
+    monkeypatch.setattr(path_update, "path_update", broken)
+    monkeypatch.setattr(beam_update, "beam_update", broken)
+    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=9, device="cpu")
+    ref, new = _decoders(6, 7, 3, 1.5, {})
+    with pytest.warns(RuntimeWarning, match="kernel failed .*no kernel here"):
+        got = (decoding.greedy(new, 6, **kw) if method == "greedy" else
+               decoding.beam_search(new, 2, 3, length_penalty=1.0, **kw))
+    want = _ref_greedy(ref, 6, **kw) if method == "greedy" else _ref_beam_search(ref, 2, 3, length_penalty=1.0, **kw)
+    _check_equal(got, want)
+    assert decoding._fused_failed == {"path_update" if method == "greedy" else "beam_update"}
+
+
 def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
     """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
     and a vocabulary of one word leaves beams empty."""

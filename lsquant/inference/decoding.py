@@ -115,6 +115,27 @@ def _fused_bookkeeping(logits: torch.Tensor) -> bool:
     return os.environ.get("LSQUANT_FUSED_BEAM", "1") != "0" and use_kernel(logits)
 
 
+_fused_failed: set = set()   # fused search kernels that failed to run in this process
+
+
+def _run_fused(name: str, fn, *args) -> bool:
+    """fn(*args), a fused search-update kernel; False (one warning, then never again in this process) if it cannot
+    run here (a Triton or driver that rejects it), so that the caller takes its PyTorch ops. A kernel fails at its
+    compile or launch, before it changes any state."""
+    if name in _fused_failed:
+        return False
+    try:
+        fn(*args)
+        return True
+    except Exception as e:   # noqa: BLE001 - the PyTorch ops compute the same update
+        import warnings
+
+        warnings.warn(f"lsquant {name} kernel failed ({type(e).__name__}: {e}); using PyTorch ops from now on",
+                      RuntimeWarning, stacklevel=3)
+        _fused_failed.add(name)
+        return False
+
+
 class _Search:
     """The state of one decoding request in device tensors of static shape (see the module docstring)."""
 
@@ -199,9 +220,8 @@ class _PathSearch(_Search):
         if _fused_path(logits):
             from . import path_update
 
-            if path_update.supported(self):   # the same step in one kernel
-                path_update.path_update(self, logits)
-                return
+            if path_update.supported(self) and _run_fused("path_update", path_update.path_update, self, logits):
+                return   # the same step in one kernel
         t, pad, eos = self.t, self.pad, self.eos
         lp = log_probs(logits.float() / self.temperature, t, self.limits, eos, self.banned)
         tok = torch.where(self.done, pad, self._choose(lp))
@@ -293,8 +313,8 @@ class _BeamSearch(_Search):
                 # the rest of the step in one kernel (lsquant.inference.beam_update), same rules
                 from .beam_update import beam_update
 
-                beam_update(self, top_s, top_i, V)   # t += 1 included
-                return
+                if _run_fused("beam_update", beam_update, self, top_s, top_i, V):   # t += 1 included
+                    return
             if is_open is None:   # the state at the start of the step, shared by the groups
                 is_open = (self.count < K)[:, None]
                 norm_t = self.norm.index_select(0, t)
