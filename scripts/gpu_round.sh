@@ -51,6 +51,7 @@ run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
 # the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
 bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
+python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 else
 pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1
 run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available()); \
