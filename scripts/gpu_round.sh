@@ -36,17 +36,18 @@ run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
-bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
-# the attention kernel's former tile (4 warps x 64 keys: 4 programs an SM) against the default (2 x 32: 12)
-bench base_attn4x64 LSQUANT_LN_GEMM=1 LSQUANT_ATTN_TILE=4,64 -- --models base --batches 8 128 --impls lsquant_int8
+# profiles without PDL (with it a kernel's time would include its wait for the one before)
 run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
 # batch 128 (512 rows a step): where int8 / fp16 was 1.01x; nothing in it was profiled before
 run profile128 90 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --batch 128 --out "$W/profile128.csv"
 grep -A9 "^lsquant_" "$W/profile128.log" | grep -v "^--"
+bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+# the attention kernel's former tile (4 warps x 64 keys: 4 programs an SM) against the default (2 x 32: 12)
+bench base_attn4x64 LSQUANT_LN_GEMM=1 LSQUANT_ATTN_TILE=4,64 -- --models base --batches 8 128 --impls lsquant_int8
+bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
 run profile_sample 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --method sample --out "$W/profile_sample.csv"
 grep -A9 "^lsquant_" "$W/profile_sample.log" | grep -v "^--"
-bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
 # the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
