@@ -40,7 +40,7 @@ BLOCK = 4096        # logits a program reads per iteration (8 KB of fp16)
 
 @functools.lru_cache(maxsize=1)
 def _build(interpret: bool):
-    global triton, tl, _pdl_enter   # kernels resolve names in this module's globals
+    global triton, tl, _pdl_enter, _banned, _scaled, _log_prob   # kernels resolve names in this module's globals
     import triton
     import triton.language as tl
 
@@ -48,6 +48,25 @@ def _build(interpret: bool):
 
     gemm_triton._build(interpret)
     _pdl_enter = gemm_triton._pdl_enter
+
+    @triton.jit
+    def _banned(col, eos, early, b0, b1, b2, b3):
+        # log_probs' masks before the last position: pad and bos never, </s> not before min_len - 1
+        return (col == b0) | (col == b1) | (col == b2) | (col == b3) | ((col == eos) & early)
+
+    @triton.jit
+    def _scaled(row, start, offs, V, inv_temp):
+        # one block of the row: its columns, which are in the row, and the logits times 1 / temperature in fp32
+        col = start + offs
+        valid = col < V
+        return col, valid, tl.load(row + col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+
+    @triton.jit
+    def _log_prob(row, start, offs, V, inv_temp, m, log_sum, eos, early, b0, b1, b2, b3):
+        # one block's masked log-probabilities, log_softmax's formula: (x - max) - log(sum)
+        col, valid, x = _scaled(row, start, offs, V, inv_temp)
+        return col, valid, tl.where(valid & ~_banned(col, eos, early, b0, b1, b2, b3), (x - m) - log_sum,
+                                    float("-inf"))
 
     @triton.jit
     def path_update_kernel(x_ptr, stride_x, inv_temp, t_ptr, lim_ptr, done_ptr, scores_ptr, steps_ptr, out_ptr,
@@ -71,15 +90,12 @@ def _build(interpret: bool):
         ki = tl.arange(0, KP)
         top = tl.where(ki < TOP_K, NEG, float("inf"))   # entries past k never the minimum
         for start in range(0, V, BLOCK):
-            col = start + offs
-            valid = col < V
-            x = tl.load(row + col, mask=valid, other=NEG).to(tl.float32) * inv_temp
+            col, valid, x = _scaled(row, start, offs, V, inv_temp)
             bm = tl.max(x, axis=0)
             m_new = tl.maximum(m, bm)
             s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(x - m_new), 0.0), axis=0)
             m = m_new
-            ban = (col == b0) | (col == b1) | (col == b2) | (col == b3) | ((col == eos) & early)
-            key = tl.where(valid & ~ban, x, NEG)
+            key = tl.where(valid & ~_banned(col, eos, early, b0, b1, b2, b3), x, NEG)
             kmax = tl.maximum(kmax, tl.max(key, axis=0))
             if TOP_K > 0:
                 if tl.max(key, axis=0) > tl.min(top, axis=0):
@@ -100,40 +116,27 @@ def _build(interpret: bool):
             # 2. softmax of the kept values: their sum (the max is top_lp, always kept)
             fs = tl.full((), 0.0, tl.float32)
             for start in range(0, V, BLOCK):
-                col = start + offs
-                valid = col < V
-                x = tl.load(row + col, mask=valid, other=NEG).to(tl.float32) * inv_temp
-                ban = (col == b0) | (col == b1) | (col == b2) | (col == b3) | ((col == eos) & early)
-                lp = tl.where(valid & ~ban, (x - m) - log_sum, NEG)
+                col, valid, lp = _log_prob(row, start, offs, V, inv_temp, m, log_sum, eos, early, b0, b1, b2, b3)
                 fs += tl.sum(tl.where(lp >= kth_lp, tl.exp(lp - top_lp), 0.0), axis=0)
             # 3. the inverse CDF in fp64, in token order
             u = tl.load(u_ptr + t * B + b)
             carry = tl.full((), 0.0, tl.float64)
             n = tl.full((), 0, tl.int64)
             for start in range(0, V, BLOCK):
-                col = start + offs
-                valid = col < V
-                x = tl.load(row + col, mask=valid, other=NEG).to(tl.float32) * inv_temp
-                ban = (col == b0) | (col == b1) | (col == b2) | (col == b3) | ((col == eos) & early)
-                lp = tl.where(valid & ~ban, (x - m) - log_sum, NEG)
+                col, valid, lp = _log_prob(row, start, offs, V, inv_temp, m, log_sum, eos, early, b0, b1, b2, b3)
                 p = tl.where(lp >= kth_lp, tl.exp(lp - top_lp), 0.0) / fs
                 cs = carry + tl.cumsum(p.to(tl.float64), axis=0)
                 n += tl.sum((valid & (cs < u)).to(tl.int64), axis=0)
                 carry = tl.max(cs, axis=0)   # the running sum is nondecreasing: its last value
             tok = tl.minimum(n, V - 1)
             xt = tl.load(row + tok).to(tl.float32) * inv_temp
-            bt = (tok == b0) | (tok == b1) | (tok == b2) | (tok == b3) | ((tok == eos) & early)
-            lp_tok = tl.where(bt, NEG, (xt - m) - log_sum)
+            lp_tok = tl.where(_banned(tok, eos, early, b0, b1, b2, b3), NEG, (xt - m) - log_sum)
         else:
             # 2. the argmax of lp, ties to the lowest id
             best = tl.full((), NEG, tl.float32)
             tok = tl.full((), 0, tl.int64)
             for start in range(0, V, BLOCK):
-                col = start + offs
-                valid = col < V
-                x = tl.load(row + col, mask=valid, other=NEG).to(tl.float32) * inv_temp
-                ban = (col == b0) | (col == b1) | (col == b2) | (col == b3) | ((col == eos) & early)
-                lp = tl.where(valid & ~ban, (x - m) - log_sum, NEG)
+                col, valid, lp = _log_prob(row, start, offs, V, inv_temp, m, log_sum, eos, early, b0, b1, b2, b3)
                 bv = tl.max(lp, axis=0)
                 bi = tl.min(tl.where(valid & (lp == bv), col, V), axis=0).to(tl.int64)
                 better = bv > best
