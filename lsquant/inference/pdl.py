@@ -16,7 +16,7 @@ chain. A kernel launched without the attribute (cuBLAS, PyTorch's own) waits for
 
 Off by default: turned on with ``LSQUANT_PDL=1`` (until the decode benchmarks have measured it, as the
 LayerNorm-in-GEMM fusion); never under Triton's CPU interpreter, never below compute capability 9.0. The first
-use on a device runs a probe (two dependent kernels, eagerly and replayed from a CUDA graph, their result
+use on a device runs a probe (three dependent launches, eagerly and replayed from a CUDA graph, their result
 checked): where the driver, CUDA or Triton cannot launch or capture PDL kernels correctly, one warning and the
 ordinary launches, never an error in the engine.
 """
