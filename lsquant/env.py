@@ -20,8 +20,13 @@ SETTINGS = {
     "LSQUANT_ROUGH_SLICES": "programs per row of the rough top-k",
     "LSQUANT_FUSED_BEAM": "0: beam search's bookkeeping in PyTorch ops",
     "LSQUANT_FUSED_PATH": "0: greedy / sampling update in PyTorch ops",
+    "LSQUANT_ATTN_TILE": "warps,keys of the decode attention kernel (default 2,32)",
     "LSQUANT_CUTLASS": "0: no CUTLASS GEMM candidates",
     "LSQUANT_TRITON_WS": "1: offer warp-specialized Triton GEMMs on sm_90",
+    "LSQUANT_CUTLASS_DIR": "a CUTLASS checkout for the sm90 GEMM's headers",
+    "LSQUANT_CUTLASS_CACHE": "where the built CUTLASS GEMM library is kept",
+    "LSQUANT_CUDA_ARCH": "the CUDA extension's architecture (default: the GPU's)",
+    "LSQUANT_DATA": "the recipes' default data folder",
 }
 
 

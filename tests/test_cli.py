@@ -43,6 +43,18 @@ def test_env_reports_the_machine_and_the_settings(capsys, monkeypatch, tmp_path)
         assert "none: the CPU reference path runs" in out and "not buildable here" in out
 
 
+def test_env_lists_every_setting_the_package_reads():
+    import re
+    from pathlib import Path
+
+    import lsquant
+    from lsquant.env import SETTINGS
+
+    root = Path(lsquant.__file__).parent
+    read = {m for f in root.rglob("*.py") for m in re.findall(r"LSQUANT_[A-Z0-9_]+", f.read_text())}
+    assert read - set(SETTINGS) == set(), read - set(SETTINGS)
+
+
 def test_quickstart_runs_on_this_machine(tmp_path):
     """The README's main command, shortened: a few steps per stage, a slice of the test split."""
     out = subprocess.run([sys.executable, "-m", "lsquant", "quickstart", "--run-dir", str(tmp_path / "qs"),
