@@ -705,6 +705,11 @@ def test_triton_variant_configs_cpu():
         assert tiles * c["SPLIT_K"] >= 0.9 * 132 or 2 * c["SPLIT_K"] * c["BLOCK_K"] > 4096
         assert c["SPLIT_K"] * c["BLOCK_K"] <= 4096
     assert not GT.variant_configs(8, 32000, 1024)  # 500 column tiles already fill the SMs
+    # mid-size M (large-batch decoding): wgmma-sized split-K tiles where the tiles leave SMs idle
+    mid = [c for c in GT.variant_configs(512, 1536, 512, tma=False)]
+    assert mid and all(c["KERNEL"] == "splitk" and c["BLOCK_M"] >= 64 and c["SPLIT_K"] > 1 for c in mid)
+    assert not GT.variant_configs(512, 32000, 512, tma=False)     # 1,000 tiles: no split
+    assert not GT.variant_configs(2048, 1536, 512, tma=False)     # over SPLITK_MID_MAX_M
     # names: the tiled kernel keeps gemm.choice_name's; the others say which kernel they are, all distinct
     names = [GT.config_name(c) for c in GT.variant_configs(8192, 4096, 1024, n_tma=10, n_ws=5)]
     names += [GT.config_name(c) for c in GT.variant_configs(1, 1024, 4096, n_splitk=10)]
@@ -740,7 +745,7 @@ def _variant_cases(M, N, K, out_dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("out_dtype", [torch.int32, torch.int8, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 1024, 4096), (7, 100, 640), (77, 200, 304), (1000, 3072, 1024),
-                                   (300, 1000, 250)])
+                                   (300, 1000, 250), (200, 1536, 512)])
 def test_cuda_triton_variants_exact(out_dtype, M, N, K):
     """Persistent TMA (plain and warp-specialized) and split-K kernels on the GPU: int outputs equal the CPU
     reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit

@@ -102,6 +102,16 @@ SPLITK_CONFIGS = [
     (16, 128, 128, 4, 4),
 ]
 
+# Split-K for mid-size M (64 < M <= SPLITK_MID_MAX_M: large-batch decoding, short prompts), where a transformer's
+# N = 512-4096 gives fewer 64-128-row tiles than SMs (M = 512, N = 1536 at 64 x 128: 96 tiles on 132 SMs, each
+# walking K = 512 in four steps): the same kernel with wgmma-sized tiles, K split in two or more
+SPLITK_MID_CONFIGS = [
+    (64, 128, 128, 4, 3),
+    (64, 64, 128, 4, 4),
+    (128, 128, 128, 8, 3),
+]
+SPLITK_MID_MAX_M = 1024
+
 SMEM_LIMIT = 227 * 1024  # H100 / H200: the most shared memory one block may take (of 228 KiB per SM)
 SMEM_PER_SM = 228 * 1024
 MAX_SPLIT_K = 16
@@ -195,8 +205,9 @@ def split_k_for(M: int, N: int, K: int, bm: int, bn: int, bk: int, num_sms: int 
 def variant_configs(M: int, N: int, K: int, num_sms: int = 132, out_bytes: int = 2, n_tma: int = 4,
                     n_ws: int = 1, n_splitk: int = 2, tma: bool = True, ws: bool = True) -> list[dict]:
     """Configs of the persistent TMA kernel (M > 64, K % 16 == 0; n_tma plain + n_ws warp-specialized ones,
-    those whose shared memory fits, ranked by :func:`_est`) and of the split-K kernel (M <= 64, where the
-    split is > 1), most promising first. out_bytes: the output element's size (the TMA staging tile)."""
+    those whose shared memory fits, ranked by :func:`_est`) and of the split-K kernel (M <= SPLITK_MID_MAX_M,
+    where the split is > 1: SPLITK_CONFIGS' decode tiles up to 64 rows, SPLITK_MID_CONFIGS' beyond), most
+    promising first. out_bytes: the output element's size (the TMA staging tile)."""
     out: list[dict] = []
     mp2, kp2 = _next_pow2(M), _next_pow2(K)
     if tma and M > 64 and K % 16 == 0:
@@ -215,9 +226,9 @@ def variant_configs(M: int, N: int, K: int, num_sms: int = 132, out_bytes: int =
         out += [d for _, _, d in plain[:n_tma]]
         if ws:
             out += [d for _, _, d in spec[:n_ws]]
-    if M <= 64 and n_splitk > 0:
+    if M <= SPLITK_MID_MAX_M and n_splitk > 0:
         scored = []
-        for i, c in enumerate(SPLITK_CONFIGS):
+        for i, c in enumerate(SPLITK_CONFIGS if M <= 64 else SPLITK_MID_CONFIGS):
             bm, bn, bk = c[:3]
             if bm > max(16, 2 * mp2) or bk > max(32, kp2):
                 continue

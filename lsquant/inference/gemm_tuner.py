@@ -303,7 +303,7 @@ def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: 
                       n_ws: int = 1, n_splitk: int = 2) -> list[dict]:
     """The Triton choices for this shape: n_triton tiled configs; on sm_90+ with tensor descriptors, n_tma
     persistent TMA configs and n_ws warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227
-    KiB for this output type); n_splitk split-K configs (M <= 64, where splitting K fills more SMs).
+    KiB for this output type); n_splitk split-K configs (M <= 1024, where splitting K fills more SMs).
     [] without Triton or a GPU; never raises (a variant that cannot be offered is just left out)."""
     from . import gemm_triton
 
