@@ -28,8 +28,10 @@ import torch
 # config id -> name (the order of the switch in the source)
 CONFIGS = ("pingpong-64x128x128", "pingpong-128x128x128", "coop-128x256x128", "pingpong-128x128x128-c2x1",
            "coop-128x256x128-c2x1")
-_FLAGS = ["-std=c++17", "-O3", "-arch=sm_90a", "-fmad=false", "--expt-relaxed-constexpr", "-DNDEBUG", "-shared",
-          "-Xcompiler", "-fPIC"]
+# -gencode, not the -arch=sm_90a shorthand: with some nvcc versions the shorthand also runs a plain sm_90 pass,
+# which rejects wgmma and setmaxnreg
+_FLAGS = ["-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", "-fmad=false", "--expt-relaxed-constexpr",
+          "-DNDEBUG", "-shared", "-Xcompiler", "-fPIC"]
 _ERRORS = {1: "cannot implement this shape (K % 16, N % 8 or alignment)", 2: "workspace too small",
            3: "initialize failed", 4: "launch failed", 5: "unknown config", 6: "unsupported output or activation"}
 
