@@ -324,6 +324,49 @@ def test_a_fused_update_that_cannot_run_falls_back_to_the_pytorch_ops(triton_int
     assert decoding._fused_failed == {"path_update" if method == "greedy" else "beam_update"}
 
 
+def test_fused_update_with_a_masked_first_block(triton_interpreter):
+    """A first block of only -inf logits leaves the log-softmax's sum at zero (no NaN): the PyTorch ops' tokens."""
+    import os
+
+    class _MaskedHead(SmoothDecoder):
+        """Logits whose ids 0..4099 are -inf: a whole first block of the sweep."""
+
+        def step(self, tokens, t, rows=None):
+            x = super().step(tokens, t, rows).clone()
+            x[:, :4100] = float("-inf")
+            return x
+
+    kw = dict(bos=BOS, eos=EOS, pad=PAD, max_len=5, device="cpu")
+    for method, extra in (("greedy", {}), ("sample", dict(top_k=3, seed=1))):
+        run = decoding.greedy if method == "greedy" else decoding.sample
+        os.environ["LSQUANT_FUSED_PATH"] = "0"
+        try:
+            want = run(_MaskedHead(2, 5000, 4), 2, **kw, **extra)
+        finally:
+            os.environ.pop("LSQUANT_FUSED_PATH")
+        got = run(_MaskedHead(2, 5000, 4), 2, **kw, **extra)
+        assert torch.equal(got[0], want[0]) and bool(torch.isfinite(got[1]).all()), method
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_update_is_launched_without_fma_contraction(monkeypatch):
+    """x * (1 / T) must be rounded before - max (PyTorch's two kernels round it): with FMA contraction the k-th
+    token's own log-prob fell below the threshold computed from rounded values and top-k became top-(k - 1)
+    (sm_90 PTX had fma.rn.f32 there). The launch asks for no contraction."""
+    from lsquant.inference import path_update
+
+    seen = {}
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.update(k)
+
+    monkeypatch.setattr(path_update, "_build", lambda interpret: Kernel())
+    search = decoding._PathSearch(RandomDecoder(3, 9, 0), 3, BOS, EOS, PAD, 6, 0, "cpu", sample=(4, 1.0, 0.7, 0))
+    path_update.path_update(search, torch.randn(3, 9))
+    assert seen["enable_fp_fusion"] is False and seen["TOP_K"] == 4 and seen["SAMPLE"] is True
+
+
 def test_beam_search_reference_cases_cover_ties_early_stops_and_empty_slots():
     """The random cases above are not vacuous: some finished scores tie, some sentences stop before max_len,
     and a vocabulary of one word leaves beams empty."""

@@ -912,16 +912,20 @@ def _fake_ext(monkeypatch):
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
-def test_dequant_backend_is_within_its_rounding_bound_cpu(out_dtype, activation):
+@pytest.mark.parametrize("clip_scale", [1.0, 1e-3])
+def test_dequant_backend_is_within_its_rounding_bound_cpu(out_dtype, activation, clip_scale):
     """The dequant fallback (x_q cast, the weight scaled by alpha) against the exact reference, element by
     element within 2 ulps of the output dtype over the sum of |terms| and |bias|: the rounding of the scaled
     weight (1/2 ulp per term) and of the output. A misapplied scale would be off by orders of magnitude."""
     M, N, K = 37, 70, 300
-    w_clip, bias = torch.rand(N) + 0.1, torch.randn(N)
-    layer = G.Int8Linear(rand_i8(N, K), w_clip=w_clip, x_clip=3.0, bias=bias, activation=activation,
+    # clip_scale 1e-3: alpha ~ 1e-7, where folding it into an fp16 weight would land among subnormals
+    w_clip, bias, x_clip = (torch.rand(N) + 0.1) * clip_scale, torch.randn(N) * clip_scale, 3.0 * clip_scale
+    layer = G.Int8Linear(rand_i8(N, K), w_clip=w_clip, x_clip=x_clip, bias=bias, activation=activation,
                          out_dtype=out_dtype)
+    if out_dtype == torch.bfloat16 or clip_scale < 1.0:   # bf16 always folds; fp16 never at alpha ~ 1e-7
+        assert layer.w_dequant(out_dtype)[2] == (out_dtype == torch.bfloat16)
     x = rand_i8(M, K)
-    ref = G.int8_linear_ref(x, layer.weight, 3.0, w_clip, bias, activation, out_dtype).float()
+    ref = G.int8_linear_ref(x, layer.weight, x_clip, w_clip, bias, activation, out_dtype).float()
     y = G.run_choice(layer, x, {"backend": "dequant"}).float()
     eps = torch.finfo(out_dtype).eps
     terms = x.double().abs() @ (layer.weight.double().abs() * layer.alpha.double().reshape(-1, 1)).t()

@@ -214,7 +214,10 @@ def tile() -> tuple[int, int]:
 
     v = os.environ.get("LSQUANT_ATTN_TILE")
     if v:
-        w, k = (int(x) for x in v.split(","))
+        try:
+            w, k = (int(x) for x in v.split(","))
+        except ValueError:
+            w = k = 0
         if w not in (1, 2, 4, 8) or k not in (16, 32, 64, 128):
             raise ValueError(f"LSQUANT_ATTN_TILE must be warps,keys with warps in 1/2/4/8 and keys in 16..128, got {v!r}")
         return w, k

@@ -377,13 +377,18 @@ class Int8Linear:
             self._w_pad = w
         return self._w_pad
 
-    def w_dequant(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(w_q * alpha[n] in dtype (N, K), bias in dtype or None), made once, for the dequant fallback. alpha is
-        w_scale[n] * x_scale, so the fallback's x is the int8 levels themselves (exact in fp16 / bf16): one cast
-        of x, no scaling pass, and the GEMM's product approximates fp32(acc) * alpha as the epilogue computes it."""
+    def w_dequant(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """(weight in dtype (N, K), bias in dtype or None, folded), made once, for the dequant fallback. folded:
+        the weight is w_q * alpha[n] (alpha = w_scale[n] * x_scale), so x is the int8 levels themselves (exact in
+        fp16 / bf16): one cast of x, no scaling pass. In fp16 only where every w_q * alpha stays a normal number
+        (alpha >= 2^-14): with small clips the product would land among fp16's subnormals (alpha ~ 1e-7 measured
+        5x the error of scaling x); otherwise the weight is w_q * w_scale[n] and x is scaled by x_scale."""
         if self._w_deq is None or self._w_deq[0].dtype != dtype:
-            w = (self.weight.float() * self.alpha.reshape(-1, 1)).to(dtype).contiguous()
-            self._w_deq = (w, self.bias32.to(dtype) if self.bias32 is not None else None)
+            folded = dtype != torch.float16 or bool(self.alpha.abs().min() >= 2.0 ** -14)
+            scale = self.alpha if folded else scale_and_inv(torch.as_tensor(
+                self.w_clip, dtype=torch.float32, device=self.weight.device).reshape(-1))[0]
+            w = (self.weight.float() * scale.reshape(-1, 1)).to(dtype).contiguous()
+            self._w_deq = (w, self.bias32.to(dtype) if self.bias32 is not None else None, folded)
         return self._w_deq
 
     # -- dispatch --
@@ -673,8 +678,10 @@ def _run_dequant(layer: Int8Linear, x2: torch.Tensor, residual: torch.Tensor | N
     if layer.out_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError("the dequant backend produces fp16/bf16 outputs only")
     dt = layer.out_dtype
-    w, bias = layer.w_dequant(dt)
-    x = x2.to(dt)   # the int8 levels, exact in fp16 / bf16; the scales are in w
+    w, bias, folded = layer.w_dequant(dt)
+    x = x2.to(dt)   # the int8 levels, exact in fp16 / bf16; the scales are in w (folded) or applied here
+    if not folded:
+        x = x * layer.x_scale_t.to(dt)
     if layer.activation == "relu" and bias is not None and x.is_cuda:
         # bias and ReLU in cuBLASLt's epilogue (relu(round(v)) == round(relu(v))): one kernel
         y = torch._addmm_activation(bias, x, w.t())

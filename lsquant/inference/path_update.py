@@ -93,7 +93,8 @@ def _build(interpret: bool):
             col, valid, x = _scaled(row, start, offs, V, inv_temp)
             bm = tl.max(x, axis=0)
             m_new = tl.maximum(m, bm)
-            s = s * tl.exp(m - m_new) + tl.sum(tl.where(valid, tl.exp(x - m_new), 0.0), axis=0)
+            m_use = tl.where(m_new == NEG, 0.0, m_new)   # all -inf so far (a masked-out block): no NaN, s stays 0
+            s = s * tl.exp(m - m_use) + tl.sum(tl.where(valid, tl.exp(x - m_use), 0.0), axis=0)
             m = m_new
             key = tl.where(valid & ~_banned(col, eos, early, b0, b1, b2, b3), x, NEG)
             kmax = tl.maximum(kmax, tl.max(key, axis=0))
@@ -197,4 +198,6 @@ def path_update(search, logits: torch.Tensor) -> None:
         logits, logits.stride(0), inv_temp, search.t, search.limits, search.done, search.scores, search.steps,
         search.out, search.tokens, search.u if sample else search.scores, search.sync, B, V, search.L,
         search.eos, search.pad, *b, SAMPLE=sample, TOP_K=top_k, KP=max(2, triton.next_power_of_2(max(top_k, 1))),
-        BLOCK=min(BLOCK, triton.next_power_of_2(V)), num_warps=8, **pdl.launch_args(logits.device))
+        BLOCK=min(BLOCK, triton.next_power_of_2(V)), num_warps=8,
+        enable_fp_fusion=False,   # x * (1 / T) rounded before - max, as PyTorch's two kernels round it
+        **pdl.launch_args(logits.device))
