@@ -95,33 +95,24 @@ def _rough_topk(logits: torch.Tensor) -> bool:
     return os.environ.get("LSQUANT_ROUGH_TOPK", "1") != "0" and logits.is_cuda and use_kernel(logits)
 
 
-def _fused_path(logits: torch.Tensor) -> bool:
-    """Whether greedy decoding and top-k sampling update in one kernel (lsquant.inference.path_update; CUDA, or
-    Triton's interpreter in tests; the environment variable LSQUANT_FUSED_PATH=0 turns it off)."""
+def _fused(switch: str, logits: torch.Tensor) -> bool:
+    """Whether a search update runs as one kernel: CUDA (or Triton's interpreter in tests) and the environment
+    variable ``switch`` not "0" (LSQUANT_FUSED_BEAM: beam search's bookkeeping, lsquant.inference.beam_update;
+    LSQUANT_FUSED_PATH: greedy decoding and top-k sampling, lsquant.inference.path_update)."""
     import os
 
     from .attention import use_kernel
 
-    return os.environ.get("LSQUANT_FUSED_PATH", "1") != "0" and use_kernel(logits)
+    return os.environ.get(switch, "1") != "0" and use_kernel(logits)
 
 
-def _fused_bookkeeping(logits: torch.Tensor) -> bool:
-    """Whether beam search's bookkeeping runs as one kernel (CUDA, or Triton's interpreter in tests; the
-    environment variable LSQUANT_FUSED_BEAM=0 turns it off)."""
-    import os
-
-    from .attention import use_kernel
-
-    return os.environ.get("LSQUANT_FUSED_BEAM", "1") != "0" and use_kernel(logits)
-
-
-_fused_failed: set = set()   # fused search kernels that failed to run in this process
+_fused_failed: set = set()   # search kernels that failed to run in this process
 
 
 def _run_fused(name: str, fn, *args) -> bool:
-    """fn(*args), a fused search-update kernel; False (one warning, then never again in this process) if it cannot
-    run here (a Triton or driver that rejects it), so that the caller takes its PyTorch ops. A kernel fails at its
-    compile or launch, before it changes any state."""
+    """fn(*args), a search kernel (the fused updates, the rough top-k's ranking); False (one warning, then never
+    again in this process) if it cannot run here (a Triton or driver that rejects it), so that the caller takes
+    its PyTorch ops. A kernel fails at its compile or launch, before it changes any state."""
     if name in _fused_failed:
         return False
     try:
@@ -217,7 +208,7 @@ class _PathSearch(_Search):
 
     def update(self, logits: torch.Tensor) -> None:
         """logits [B, V] -> the state of the next step, in place (graph-safe: no host sync, static shapes)."""
-        if _fused_path(logits):
+        if _fused("LSQUANT_FUSED_PATH", logits):
             from . import path_update
 
             if path_update.supported(self) and _run_fused("path_update", path_update.path_update, self, logits):
@@ -309,7 +300,7 @@ class _BeamSearch(_Search):
                     lpg = lpg - self.strength * chosen[:, None, :]
                 cand = (self.scores[:, g * Kg:(g + 1) * Kg, None] + lpg).reshape(B, Kg * V)
                 top_s, top_i = cand.topk(min(2 * Kg, Kg * V), dim=1)        # [B, 2Kg], best first
-            if G == 1 and 2 * K <= K * V and _fused_bookkeeping(logits):
+            if G == 1 and 2 * K <= K * V and _fused("LSQUANT_FUSED_BEAM", logits):
                 # the rest of the step in one kernel (lsquant.inference.beam_update), same rules
                 from .beam_update import beam_update
 

@@ -50,7 +50,7 @@ import torch
 
 from . import pdl
 from .gemm_triton import _interpret
-from .decoding import log_probs
+from .decoding import _run_fused, log_probs
 
 MAX_BANNED = 4   # banned ids travel as scalar kernel arguments (baked into a captured graph, no device copy)
 
@@ -355,25 +355,17 @@ def rank(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torc
     top_i = torch.empty(B, k, dtype=torch.int64, device=val.device)
     if B == 0:
         return top_s, top_i
-    if _rank_failed:
-        return rank_ref(val, tok, beams, V)
     import triton
 
-    try:
+    def launch():
         _build(_interpret())[3][(B,)](val, tok, top_s, top_i, V, K * W, W, K2=k,
                                       BLOCK_KW=triton.next_power_of_2(K * W), num_warps=4,
                                       **pdl.launch_args(val.device))
-    except Exception as e:   # a kernel that cannot run here (a Triton change, say) must not stop the search
-        import warnings
 
-        warnings.warn(f"lsquant rough_topk.rank kernel failed ({type(e).__name__}: {e}); using topk from now on",
-                      RuntimeWarning, stacklevel=2)
-        _rank_failed.append(True)
-        return rank_ref(val, tok, beams, V)
-    return top_s, top_i
-
-
-_rank_failed: list = []   # non-empty once the rank kernel failed in this process
+    # a kernel that cannot run here (a Triton change, say) must not stop the search: topk from then on
+    if _run_fused("rough_topk.rank", launch):
+        return top_s, top_i
+    return rank_ref(val, tok, beams, V)
 
 
 def rank_ref(val: torch.Tensor, tok: torch.Tensor, beams: int, V: int) -> tuple[torch.Tensor, torch.Tensor]:
