@@ -284,8 +284,9 @@ def _build(interpret: bool) -> dict:
     @triton.jit
     def _pdl_wait(w_rows, nbytes, PREFETCH: tl.constexpr):
         # _pdl_enter for the GEMMs, which first ask for their weight rows in L2 (w_rows: a tensor of row
-        # pointers, nbytes each; the weights are constants, so this is the one access allowed before the wait). cp.async.bulk.prefetch needs 16-byte aligned addresses and sizes (PREFETCH); a
-        # size <= 0 (a split-K program past K) prefetches nothing
+        # pointers, nbytes each; the weights are constants, so this is the one access allowed before the wait).
+        # cp.async.bulk.prefetch needs 16-byte aligned addresses and sizes (PREFETCH); a size <= 0 (a split-K
+        # program past K) prefetches nothing
         if PREFETCH:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; } mov.u32 $0, 0;",
