@@ -124,13 +124,11 @@ def test_memory_ops_before_finds_accesses():
 
 # ---- CUDA ------------------------------------------------------------------------------------------------------
 
-def _gemm_outputs(device):
-    """The tiled, split-K and fused-LayerNorm kernels on odd decode shapes (weights with 16-byte rows: prefetched,
-    and without), one after another as the engine chains them, int8 and float outputs."""
-    from lsquant.inference import gemm_triton as GT
-
+def _gemm_inputs(device):
+    """Operands for odd decode shapes (weights with 16-byte rows: prefetched, and without), made on the CPU and
+    copied once: a copy from pageable memory cannot be captured in a CUDA graph."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    outs = []
+    cases = []
     for M, N, K in ((1, 1536, 512), (7, 1000, 1024), (33, 72, 1000), (64, 2048, 512)):
         x = torch.randint(-127, 128, (M, K), generator=gen, dtype=torch.int8).to(device)
         w = torch.randint(-127, 128, (N, K), generator=gen, dtype=torch.int8).to(device)
@@ -140,23 +138,35 @@ def _gemm_outputs(device):
         res = torch.randn(M, N, generator=gen).to(device, torch.float16)
         xf = torch.randn(M, K, generator=gen).to(device, torch.float16)
         g, b = torch.randn(K, generator=gen).to(device, torch.float16), torch.randn(K, generator=gen).to(device, torch.float16)
-        tiled = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, GROUP_M=1)
+        x_inv = torch.tensor([127 / 3.0], device=device)
+        cases.append((x, w, alpha, bias, inv, res, xf, g, b, x_inv))
+    return cases
+
+
+def _gemm_outputs(cases):
+    """The tiled, split-K and fused-LayerNorm kernels, one after another as the engine chains them, int8 and float
+    outputs."""
+    from lsquant.inference import gemm_triton as GT
+
+    outs = []
+    tiled = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3, GROUP_M=1)
+    for x, w, alpha, bias, inv, res, xf, g, b, x_inv in cases:
         outs.append(GT.int8_linear_triton(x, w, alpha, bias, 1, torch.int8, inv, tiled))
         outs.append(GT.int8_linear_triton(x, w, alpha, bias, 0, torch.float16, None, tiled, residual=res))
         outs.append(GT.int8_linear_triton(x, w, alpha, bias, 2, torch.float16, None,
                                           GT.splitk_config_dict((16, 32, 256, 4, 3), 4), residual=res))
-        outs.append(GT.int8_ln_linear_triton(xf, g, b, 1e-5, torch.tensor([127 / 3.0], device=device), w, alpha,
-                                             bias, 1, torch.int8, inv, tiled))
+        outs.append(GT.int8_ln_linear_triton(xf, g, b, 1e-5, x_inv, w, alpha, bias, 1, torch.int8, inv, tiled))
     return outs
 
 
 @pytest.mark.cuda
 def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
     monkeypatch.delenv("LSQUANT_PDL", raising=False)
-    ref = _gemm_outputs("cuda")
+    cases = _gemm_inputs("cuda")
+    ref = _gemm_outputs(cases)
     monkeypatch.setenv("LSQUANT_PDL", "1")
     assert pdl.enabled(torch.device("cuda", torch.cuda.current_device()))
-    got = _gemm_outputs("cuda")
+    got = _gemm_outputs(cases)
     for i, (a, b) in enumerate(zip(got, ref)):
         assert torch.equal(a, b), i
     # and replayed from a CUDA graph, the chain of PDL launches captured as programmatic edges
@@ -165,7 +175,7 @@ def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph, stream=side):
-            static = _gemm_outputs("cuda")
+            static = _gemm_outputs(cases)
     torch.cuda.current_stream().wait_stream(side)
     for _ in range(3):
         graph.replay()
