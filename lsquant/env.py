@@ -15,7 +15,7 @@ SETTINGS = {
     "LSQUANT_GEMM_CACHE": "the GEMM tuning cache file",
     "LSQUANT_LN_GEMM": "1: LayerNorm fused into the int8 GEMM at decoding's row counts",
     "LSQUANT_LN_GEMM_MAX_M": "the fused LayerNorm's row bound (default 64)",
-    "LSQUANT_PDL": "1: programmatic dependent launch of the decode step's Triton kernels",
+    "LSQUANT_PDL": "0: no programmatic dependent launch of the decode step's Triton kernels (on by default, sm_90+)",
     "LSQUANT_ROUGH_TOPK": "0: beam search ranks with log-softmax + topk",
     "LSQUANT_ROUGH_SLICES": "programs per row of the rough top-k",
     "LSQUANT_FUSED_BEAM": "0: beam search's bookkeeping in PyTorch ops",
@@ -79,9 +79,9 @@ def report() -> list[tuple[str, str]]:
     rows.append(("CUTLASS sm90 GEMM", "yes" if gemm_cutlass.available() else
                  "no (needs sm_90, nvcc and the nvidia-cutlass headers)"))
     pdl_ok = cuda and pdl._supported(torch.cuda.current_device())
-    on = os.environ.get("LSQUANT_PDL") == "1"
+    on = os.environ.get("LSQUANT_PDL", "1") != "0"
     rows.append(("programmatic dependent launch",
-                 ("supported; " + ("on (LSQUANT_PDL=1)" if on else "off (LSQUANT_PDL=1 turns it on)")) if pdl_ok
+                 ("supported; " + ("on (LSQUANT_PDL=0 turns it off)" if on else "off (LSQUANT_PDL=0)")) if pdl_ok
                  else "not available (needs sm_90+ and a Triton with grid dependency control)"))
     from lsquant.inference.gemm_tuner import TuningCache, default_cache_path
 

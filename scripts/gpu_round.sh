@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (~9 min) for the decode-step changes: the LayerNorm fused into the int8 GEMM (Int8Linear.ln_call),
-# programmatic dependent launch of the step's Triton kernels (LSQUANT_PDL=1, lsquant/inference/pdl.py), the beam
+# programmatic dependent launch of the step's Triton kernels (on by default; rows without it set LSQUANT_PDL=0), the beam
 # ranking kernel (rough_topk.rank) and the attention's cached dummy. Runs their cuda tests, the engines end to end
 # (base: int8 fused / fused + PDL / not fused / fused up to 512 rows, fp16 without and with PDL; big: int8 and fp16
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
@@ -34,24 +34,24 @@ run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py
   tests/test_rough_topk.py tests/test_quantize_cuda.py tests/test_attention.py tests/test_engine_transformer.py \
   tests/test_decoding.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
-bench base_fused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
+bench base_fused LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_fused_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 # profiles without PDL (with it a kernel's time would include its wait for the one before)
-run profile 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --out "$W/profile.csv"
+run profile 60 env LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 python3 bench/profile_engine.py --out "$W/profile.csv"
 grep -A9 "^lsquant_" "$W/profile.log" | grep -v "^--"
 # batch 128 (512 rows a step): where int8 / fp16 was 1.01x; nothing in it was profiled before
-run profile128 90 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --batch 128 --out "$W/profile128.csv"
+run profile128 90 env LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 python3 bench/profile_engine.py --batch 128 --out "$W/profile128.csv"
 grep -A9 "^lsquant_" "$W/profile128.log" | grep -v "^--"
 bench big_pdl LSQUANT_LN_GEMM=1 LSQUANT_PDL=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 # the attention kernel's former tile (4 warps x 64 keys: 4 programs an SM) against the default (2 x 32: 12)
-bench base_attn4x64 LSQUANT_LN_GEMM=1 LSQUANT_ATTN_TILE=4,64 -- --models base --batches 8 128 --impls lsquant_int8
-bench base_unfused LSQUANT_LN_GEMM=0 -- --models base --batches 1 8 32 --impls lsquant_int8
-run profile_sample 60 env LSQUANT_LN_GEMM=1 python3 bench/profile_engine.py --method sample --out "$W/profile_sample.csv"
+bench base_attn4x64 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_ATTN_TILE=4,64 -- --models base --batches 8 128 --impls lsquant_int8
+bench base_unfused LSQUANT_LN_GEMM=0 LSQUANT_PDL=0 -- --models base --batches 1 8 32 --impls lsquant_int8
+run profile_sample 60 env LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 python3 bench/profile_engine.py --method sample --out "$W/profile_sample.csv"
 grep -A9 "^lsquant_" "$W/profile_sample.log" | grep -v "^--"
 run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
 # the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
-bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
+bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 else
 pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1

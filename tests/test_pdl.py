@@ -2,7 +2,7 @@
 
 CPU: when it is on, and that every kernel, compiled for sm_90 with USE_PDL, waits (griddepcontrol.wait) before its
 first global load, store or atomic, with the GEMMs' L2 prefetch of their weight rows the only access before it.
-CUDA: with LSQUANT_PDL=1 the kernels and the engines give the same bits as without, eagerly and in CUDA graphs.
+CUDA: with PDL (LSQUANT_PDL=1) the kernels and the engines give the same bits as without, eagerly and in CUDA graphs.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from conftest import compile_in_fresh_process
 from lsquant.inference import pdl
 
 
-def test_off_by_default_and_never_on_the_cpu(monkeypatch):
-    monkeypatch.delenv("LSQUANT_PDL", raising=False)
+def test_off_with_zero_and_never_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("LSQUANT_PDL", "0")
     assert not pdl.enabled(torch.device("cuda", 0))
     assert pdl.launch_args(torch.device("cuda", 0)) == {}
     monkeypatch.setenv("LSQUANT_PDL", "1")
@@ -161,7 +161,7 @@ def _gemm_outputs(cases):
 
 @pytest.mark.cuda
 def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
-    monkeypatch.delenv("LSQUANT_PDL", raising=False)
+    monkeypatch.setenv("LSQUANT_PDL", "0")
     cases = _gemm_inputs("cuda")
     ref = _gemm_outputs(cases)
     monkeypatch.setenv("LSQUANT_PDL", "1")
