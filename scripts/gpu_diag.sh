@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Greedy agreement between the int8 engine and the fake-quant model, diagnosed (scripts/diag_agreement.py), plus
 # the cuda tests named in TESTS, on the GPU machine. Multi30k must be in .gpu_data/multi30k (carry .gpu_data).
-#   [MIN=1.5] [TESTS="tests/a.py tests/b.py"] bash scripts/gpu_diag.sh
+#   [MIN=1.5] [TESTS="tests/a.py tests/b.py"] [DIAG_ARGS="--tf32 off"] bash scripts/gpu_diag.sh
 # Writes $OUT/setup.log, $OUT/tests.log, $OUT/diag.log and $OUT/diag_agreement.json.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -18,5 +18,5 @@ if [ -n "${TESTS:-}" ]; then
   echo "tests rc=$?"; tail -5 "$OUT/tests.log"
 fi
 timeout "${DIAG_S:-420}" python3 scripts/diag_agreement.py --data .gpu_data/multi30k --run-dir runs/diag \
-  --minutes "${MIN:-1.5}" --out "$OUT" 2>&1 | grep -v "it/s]\|s/it]" > "$OUT/diag.log"
+  --minutes "${MIN:-1.5}" --out "$OUT" ${DIAG_ARGS:-} 2>&1 | grep -v "it/s]\|s/it]" > "$OUT/diag.log"
 echo "diag rc=${PIPESTATUS[0]}"; tail -45 "$OUT/diag.log"
