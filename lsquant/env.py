@@ -79,7 +79,7 @@ def report() -> list[tuple[str, str]]:
     rows.append(("CUTLASS sm90 GEMM", "yes" if gemm_cutlass.available() else
                  "no (needs sm_90, nvcc and the nvidia-cutlass headers)"))
     pdl_ok = cuda and pdl._supported(torch.cuda.current_device())
-    on = os.environ.get("LSQUANT_PDL", "1") != "0"
+    on = pdl.requested()
     rows.append(("programmatic dependent launch",
                  ("supported; " + ("on (LSQUANT_PDL=0 turns it off)" if on else "off (LSQUANT_PDL=0)")) if pdl_ok
                  else "not available (needs sm_90+ and a Triton with grid dependency control)"))

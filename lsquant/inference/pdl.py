@@ -121,10 +121,15 @@ def _probe(index: int) -> bool:
     return ok
 
 
+def requested() -> bool:
+    """Whether the environment asks for PDL: on unless LSQUANT_PDL=0."""
+    return os.environ.get("LSQUANT_PDL", "1") != "0"
+
+
 def enabled(device: torch.device) -> bool:
     """Whether kernels on this device are launched with PDL: LSQUANT_PDL not 0, a CUDA device of compute
     capability >= 9.0, a Triton with grid dependency control, not Triton's interpreter, and the probe passed."""
-    if os.environ.get("LSQUANT_PDL", "1") == "0" or device.type != "cuda":
+    if not requested() or device.type != "cuda":
         return False
     if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
         return False
