@@ -166,11 +166,16 @@ def _build(interpret: bool):
             s += tl.where(m, tl.exp(x - M), 0.0)
             key = _masked(x, col, eos, last, early, b0, b1, b2, b3)
             q = m & (key >= T) & (key > float("-inf"))
-            pos = n + tl.cumsum(q.to(tl.int32), axis=0) - 1
-            ok = q & (pos < CAP)
-            tl.store(key_ptr + base + pos, key, mask=ok)
-            tl.store(tok_ptr + base + pos, col, mask=ok)
-            n += tl.sum(q.to(tl.int32), axis=0)
+            nq = tl.sum(q.to(tl.int32), axis=0)
+            # ~8 values of a row's 32,000 qualify (K = 4), so most tiles have none: the scan and the stores, a
+            # serial chain per tile, run only where one does (unconditional, this pass took 4x pass 1's time at
+            # 512 rows on an H200: 101 against 25 us a step)
+            if nq > 0:
+                pos = n + tl.cumsum(q.to(tl.int32), axis=0) - 1
+                ok = q & (pos < CAP)
+                tl.store(key_ptr + base + pos, key, mask=ok)
+                tl.store(tok_ptr + base + pos, col, mask=ok)
+            n += nq
         tl.store(psum_ptr + row * P + p, tl.sum(s, axis=0))
         tl.store(cnt_ptr + row * P + p, n)
 
