@@ -5,6 +5,7 @@
 # (base: int8 fused / fused + PDL / not fused / fused up to 512 rows, fp16 without and with PDL; big: int8 and fp16
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
+#   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 with it as a candidate
 set -u
@@ -52,6 +53,18 @@ run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
 # the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
 bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
+python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+elif [ "$PART" = followup ]; then
+# the engines at their defaults (PDL on, LayerNorm not fused) after the pass-2 change of rough_topk._candidates
+# (its scan only in tiles where a value qualifies): base beam/sample at 32 and 128, big at 1, 8 and 32, and big
+# with the LayerNorm fused (never measured for big without it before)
+run tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_rough_topk.py tests/test_pdl.py
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
+bench base_default -- --models base --batches 8 32 128 --impls lsquant_int8 lsquant_fp16
+bench big_default -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench big_lnfused LSQUANT_LN_GEMM=1 -- --models big --batches 8 32 --impls lsquant_int8
+run profile128 90 env LSQUANT_PDL=0 python3 bench/profile_engine.py --batch 128 --top 16 --out "$W/profile128.csv"
+grep -A12 "^lsquant_" "$W/profile128.log" | grep -v "^--"
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 else
 pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1
