@@ -339,11 +339,12 @@ class Int8Linear:
                 raise ValueError(f"w_clip has {w_clip.numel()} values, the weight has {self.N} output channels")
             x_clip = torch.as_tensor(self.x_clip, dtype=torch.float32, device=dev).reshape(())
             self.alpha = gemm_alpha(x_clip, w_clip)
+            self.w_scale_t = scale_and_inv(w_clip)[0]   # (N,): the dequant fallback's unfolded weight scale
             # on the device: no host copy per call (CUDA graphs)
             self.x_scale_t, self.x_inv_t = (t.reshape(1).contiguous() for t in scale_and_inv(x_clip))
             self.x_clip_t = x_clip.reshape(1).contiguous()
         else:
-            self.alpha = None
+            self.alpha = self.w_scale_t = None
             self.x_scale_t = self.x_inv_t = self.x_clip_t = None
         if self.bias is not None:
             if self.bias.numel() != self.N:
@@ -385,8 +386,7 @@ class Int8Linear:
         5x the error of scaling x); otherwise the weight is w_q * w_scale[n] and x is scaled by x_scale."""
         if self._w_deq is None or self._w_deq[0].dtype != dtype:
             folded = dtype != torch.float16 or bool(self.alpha.abs().min() >= 2.0 ** -14)
-            scale = self.alpha if folded else scale_and_inv(torch.as_tensor(
-                self.w_clip, dtype=torch.float32, device=self.weight.device).reshape(-1))[0]
+            scale = self.alpha if folded else self.w_scale_t
             w = (self.weight.float() * scale.reshape(-1, 1)).to(dtype).contiguous()
             self._w_deq = (w, self.bias32.to(dtype) if self.bias32 is not None else None, folded)
         return self._w_deq
