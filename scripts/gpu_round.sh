@@ -56,8 +56,8 @@ bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_LN_GEMM_MAX_M=512 --
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = followup ]; then
 # the engines at their defaults (PDL on, LayerNorm not fused) after the pass-2 change of rough_topk._candidates
-# (its scan only in tiles where a value qualifies): base beam/sample at 32 and 128, big at 1, 8 and 32, and big
-# with the LayerNorm fused (never measured for big without it before)
+# (its scan only in tiles where a value qualifies): base beam/sample at 8, 32 and 128, big at 1, 8 and 32 (run E
+# measured big with the LayerNorm fused only), and big with it fused at 8 and 32 for comparison
 run tests 120 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_rough_topk.py tests/test_pdl.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_default -- --models base --batches 8 32 128 --impls lsquant_int8 lsquant_fp16
