@@ -67,8 +67,10 @@ run profile128 90 env LSQUANT_PDL=0 python3 bench/profile_engine.py --batch 128 
 grep -A12 "^lsquant_" "$W/profile128.log" | grep -v "^--"
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 else
-pip install -q --no-deps .whl/nvidia_cutlass-*.whl > "$W/cutlass_install.log" 2>&1
-run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available()); \
+# the headers straight from the wheel (a zip): no dependence on which interpreter `pip` installs into
+python3 -m zipfile -e .whl/nvidia_cutlass-*.whl "$W/cutlass_whl" > "$W/cutlass_install.log" 2>&1
+export LSQUANT_CUTLASS_DIR="$W/cutlass_whl/cutlass_library/source"
+run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available(), g.include_dirs(), g.nvcc()); \
 g.library(); print('built', g.library_path())"
 run cutlass_tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm_cutlass.py
 grep -E "^(FAILED|ERROR)" "$W/cutlass_tests.log" | head -10
