@@ -7,7 +7,8 @@
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
-#       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 with it as a candidate
+#       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
+#       M values) with it as a candidate
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/lsquant_gpu_out}
@@ -74,7 +75,7 @@ run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as 
 g.library(); print('built', g.library_path())"
 run cutlass_tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm_cutlass.py
 grep -E "^(FAILED|ERROR)" "$W/cutlass_tests.log" | head -10
-run gemm_bench 330 python3 bench/bench_gemm.py --m 2048 8192 16384 --out "$W/gemm.csv" --cache "$W/tune.json"
+run gemm_bench 330 python3 bench/bench_gemm.py --m ${GEMM_M:-2048 8192 16384} --out "$W/gemm.csv" --cache "$W/tune.json"
 tail -8 "$W/gemm_bench.log"
 fi
 rm -rf "$W"
