@@ -69,8 +69,8 @@ grep -A12 "^lsquant_" "$W/profile128.log" | grep -v "^--"
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 else
 # the headers straight from the wheel (a zip): no dependence on which interpreter `pip` installs into
-python3 -m zipfile -e .whl/nvidia_cutlass-*.whl "$W/cutlass_whl" > "$W/cutlass_install.log" 2>&1
-export LSQUANT_CUTLASS_DIR="$W/cutlass_whl/cutlass_library/source"
+python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > "$W/cutlass_install.log" 2>&1
+export LSQUANT_CUTLASS_DIR="/tmp/lsq_cutlass_whl/cutlass_library/source"
 run cutlass_build 240 python3 -c "from lsquant.inference import gemm_cutlass as g; print('available', g.available(), g.include_dirs(), g.nvcc()); \
 g.library(); print('built', g.library_path())"
 run cutlass_tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm_cutlass.py
