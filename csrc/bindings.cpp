@@ -225,8 +225,9 @@ void layers_check_like(const torch::Tensor& t, const torch::Tensor& ref, const c
 }
 
 // clip: fp32 [1] (per-tensor) or empty. Returns (y, mean fp32, rstd fp32, yq = fake_quantize(y) or empty).
+// pdl: a programmatic dependent launch (lsquant/inference/pdl.py decides; false for training).
 std::vector<torch::Tensor> ln_fwd(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, double eps,
-                                  torch::Tensor clip) {
+                                  torch::Tensor clip, bool pdl) {
   check_cuda_contig(x, "x");
   layers_check_like(gamma, x, "gamma");
   layers_check_like(beta, x, "beta");
@@ -242,14 +243,14 @@ std::vector<torch::Tensor> ln_fwd(torch::Tensor x, torch::Tensor gamma, torch::T
   CHECK_CUDA_OK(lsq::layer_norm_fwd(x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), y.data_ptr(),
                                     mean.data_ptr<float>(), rstd.data_ptr<float>(),
                                     fq ? clip.data_ptr<float>() : nullptr, fq ? yq.data_ptr() : nullptr, rows, H,
-                                    static_cast<float>(eps), dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+                                    static_cast<float>(eps), dtype_code(x), c10::cuda::getCurrentCUDAStream(), pdl));
   return {y, mean, rstd, yq};
 }
 
 // Inference: q = quantize(LayerNorm(x), clip) int8 like x (clip fp32 [1] on x's device, read by the kernel), and
 // y in x's dtype when float_out (else an empty tensor). Returns (y or empty, q). No autograd (no mean/rstd).
 std::vector<torch::Tensor> ln_quant_fwd(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, double eps,
-                                        torch::Tensor clip, bool float_out) {
+                                        torch::Tensor clip, bool float_out, bool pdl) {
   check_cuda_contig(x, "x");
   layers_check_like(gamma, x, "gamma");
   layers_check_like(beta, x, "beta");
@@ -262,7 +263,8 @@ std::vector<torch::Tensor> ln_quant_fwd(torch::Tensor x, torch::Tensor gamma, to
   auto q = torch::empty(x.sizes(), x.options().dtype(torch::kInt8));
   CHECK_CUDA_OK(lsq::layer_norm_fwd_int8(x.data_ptr(), gamma.data_ptr(), beta.data_ptr(), clip.data_ptr<float>(),
                                          float_out ? y.data_ptr() : nullptr, q.data_ptr<int8_t>(), rows, H,
-                                         static_cast<float>(eps), dtype_code(x), c10::cuda::getCurrentCUDAStream()));
+                                         static_cast<float>(eps), dtype_code(x), c10::cuda::getCurrentCUDAStream(),
+                                         pdl));
   return {y, q};
 }
 

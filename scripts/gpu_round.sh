@@ -6,6 +6,7 @@
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
+#   bash scripts/gpu_round.sh lnpdl      (~4 min) the LayerNorm launched with PDL against without, side by side
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
 #       M values) with it as a candidate
@@ -54,6 +55,17 @@ run search 60 python3 bench/bench_search.py --out "$W/search.csv"
 grep "B=" "$W/search.log"
 # the LayerNorm fused at 128 and 512 rows too (Int8Linear.ln_config: tiles of at most 64 x 128 there)
 bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
+python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+elif [ "$PART" = lnpdl ]; then
+# the LayerNorm kernels launched with PDL (the default now) against ordinary launches (LSQUANT_PDL_LN=0), side by
+# side; the engines' PDL-vs-not comparisons and the LayerNorm's own in the cuda tests first
+run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
+  tests/test_engine_transformer.py
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
+bench base_lnpdl -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench big_lnpdl -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = followup ]; then
 # the engines at their defaults (PDL on, LayerNorm not fused) after the pass-2 change of rough_topk._candidates

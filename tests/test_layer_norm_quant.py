@@ -157,17 +157,17 @@ class _StandIn:
     def __init__(self):
         self.calls = []
 
-    def ln_quant_fwd(self, x, w, b, eps, clip, float_out):
+    def ln_quant_fwd(self, x, w, b, eps, clip, float_out, pdl):
         assert x.dim() == 2 and x.is_contiguous() and w.is_contiguous() and b.is_contiguous()
         assert clip.dtype == torch.float32 and clip.shape == (1,) and clip.is_contiguous()
-        assert isinstance(eps, float) and isinstance(float_out, bool)
-        self.calls.append(x.shape)
+        assert isinstance(eps, float) and isinstance(float_out, bool) and isinstance(pdl, bool)
+        self.calls.append((x.shape, pdl))
         y, q = layernorm.layer_norm_quant_ref(x, w, b, eps, clip, float_out)
         return (y if float_out else torch.empty(0, dtype=x.dtype)), q
 
 
-@pytest.mark.parametrize("float_out", [True, False])
-def test_cuda_path_plumbing(monkeypatch, float_out):
+@pytest.mark.parametrize("float_out,pdl", [(True, False), (False, False), (False, True)])
+def test_cuda_path_plumbing(monkeypatch, float_out, pdl):
     """The CUDA branch's Python side (reshape to rows, contiguity, the clip as fp32 [1], views back to x's shape,
     None for y) on CPU tensors, with the extension replaced by the stand-in."""
     ext = _StandIn()
@@ -175,8 +175,8 @@ def test_cuda_path_plumbing(monkeypatch, float_out):
     x = torch.randn(3, 40, 5, dtype=torch.float64).to(torch.bfloat16).transpose(1, 2)  # (3, 5, 40), strided
     w, b = torch.randn(40).to(torch.bfloat16), torch.randn(40).to(torch.bfloat16)
     clip = torch.tensor([[1.25]], dtype=torch.float64)
-    y, q = layernorm._layer_norm_quant_cuda(x, w, b, EPS, clip, float_out)
-    assert ext.calls == [(15, 40)]
+    y, q = layernorm._layer_norm_quant_cuda(x, w, b, EPS, clip, float_out, pdl)
+    assert ext.calls == [((15, 40), pdl)]
     y_ref, q_ref = ops.layer_norm_quant_ref(x, w, b, EPS, clip, float_out)
     assert q.shape == x.shape and torch.equal(q, q_ref)
     if float_out:

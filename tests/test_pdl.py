@@ -6,6 +6,8 @@ CUDA: with PDL (LSQUANT_PDL=1) the kernels and the engines give the same bits as
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -22,6 +24,17 @@ def test_off_with_zero_and_never_on_the_cpu(monkeypatch):
     assert pdl.launch_args(torch.device("cpu")) == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl.enabled(torch.device("cuda", 0))
+
+
+def test_layernorm_follows_pdl_unless_switched_off(monkeypatch):
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(pdl, "enabled", lambda device: True)
+    assert pdl.layernorm(dev)
+    monkeypatch.setenv("LSQUANT_PDL_LN", "0")
+    assert not pdl.layernorm(dev)
+    monkeypatch.delenv("LSQUANT_PDL_LN")
+    monkeypatch.setattr(pdl, "enabled", lambda device: False)
+    assert not pdl.layernorm(dev)
 
 
 # every decode-step kernel: (module, kernel, pointer argument types, float arguments, constexprs)
@@ -224,3 +237,91 @@ def test_the_probe_passes_on_hopper(monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability 9.0")
     assert pdl._run_probe(torch.device("cuda", torch.cuda.current_device()))
+
+
+# ---- the LayerNorm kernels (CUDA C++, csrc/kernels/layernorm.cu) ---------------------------------------------
+
+
+def test_layernorm_forward_waits_before_its_first_access_sm90(tmp_path):
+    """nvcc's PTX of layernorm.cu for sm_90 (no GPU needed): every forward kernel runs griddepcontrol.wait, then
+    launch_dependents, before any global memory access (the clip's load included); the backward kernels, never
+    launched with PDL, have neither."""
+    import subprocess
+    from pathlib import Path
+
+    from lsquant.inference import gemm_cutlass
+
+    nvcc = gemm_cutlass.nvcc()
+    if nvcc is None:
+        pytest.skip("needs nvcc")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    out = tmp_path / "ln.ptx"
+    r = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "--expt-relaxed-constexpr", "-O3", "-ptx",
+                        f"-I{csrc}", str(csrc / "kernels" / "layernorm.cu"), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    entries = out.read_text().split(".entry")[1:]
+    fwd = [e for e in entries if "ln_fwd_kernel" in e.split("(")[0]]
+    assert len(fwd) == 6   # float, half, bfloat16 x (training, int8 output)
+    access = re.compile(r"\b(?:ld|st|atom|red)\.(?!param|shared|local|const)[\w.]*|\bcp\.async\.[\w.]*")
+    for e in fwd:
+        wait, launch = e.find("griddepcontrol.wait"), e.find("griddepcontrol.launch_dependents")
+        assert 0 < wait < launch, e[:80]
+        assert not access.findall(e[:wait]), (e[:80], access.findall(e[:wait]))
+        assert access.findall(e[launch:])   # the scan finds the kernel's accesses after it
+    for e in entries:
+        if "ln_fwd_kernel" not in e.split("(")[0]:
+            assert "griddepcontrol" not in e, e[:80]
+
+
+@pytest.mark.cuda
+def test_layernorm_with_pdl_equals_without(monkeypatch):
+    """ops.layer_norm / layer_norm_quant launched with PDL give the same bits as without, eagerly and replayed
+    from a CUDA graph in a chain of PDL launches (LayerNorm -> int8 GEMM -> LayerNorm, as in the decode step)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0")
+    from lsquant import ops
+    from lsquant.inference import Int8Linear
+
+    monkeypatch.setenv("LSQUANT_PDL", "1")
+    assert pdl.enabled(torch.device("cuda", torch.cuda.current_device()))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dt in (torch.float16, torch.bfloat16):
+        for rows, H in ((1, 40), (7, 520), (33, 1000)):
+            x = torch.randn(rows, H, device="cuda", dtype=dt, generator=g) * 3 + 0.5
+            w = torch.randn(H, device="cuda", dtype=dt, generator=g)
+            b = torch.randn(H, device="cuda", dtype=dt, generator=g)
+            clip = torch.tensor([2.5], device="cuda")
+            with torch.no_grad():
+                want = (ops.layer_norm(x, w, b, 1e-5), *ops.layer_norm_quant(x, w, b, 1e-5, clip))
+                got = (ops.layer_norm(x, w, b, 1e-5, pdl=True), *ops.layer_norm_quant(x, w, b, 1e-5, clip, pdl=True))
+            for a, c in zip(got, want):
+                assert torch.equal(a, c), (dt, rows, H)
+    # the chain, captured
+    H, N = 520, 264
+    x = torch.randn(9, H, device="cuda", dtype=torch.float16, generator=g)
+    w, b = torch.randn(H, device="cuda", dtype=torch.float16), torch.randn(H, device="cuda", dtype=torch.float16)
+    clip = torch.tensor([2.0], device="cuda")
+    wq = torch.randint(-127, 128, (N, H), device="cuda", dtype=torch.int8, generator=g)
+    lin = Int8Linear(wq, w_clip=torch.full((N,), 0.05, device="cuda"), x_clip=clip,
+                     bias=torch.randn(N, device="cuda"), out_dtype=torch.float16)
+    w2, b2 = torch.randn(N, device="cuda", dtype=torch.float16), torch.randn(N, device="cuda", dtype=torch.float16)
+
+    def chain(use):
+        q = ops.layer_norm_quant(x, w, b, 1e-5, clip, float_out=False, pdl=use)[1]
+        return ops.layer_norm(lin(q), w2, b2, 1e-5, pdl=use)
+
+    with torch.no_grad():
+        ref = chain(False)
+        assert torch.equal(chain(True), ref)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            with torch.cuda.graph(graph, stream=side):
+                static = chain(True)
+        torch.cuda.current_stream().wait_stream(side)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static, ref)

@@ -66,11 +66,19 @@ __device__ __forceinline__ void row_map_int8(const T* __restrict__ in, T* __rest
 // kInt8 = false (training): y, mean, rstd, and with a clip yq = fake_quantize(y).
 // kInt8 = true (inference): q = quantize(y, clip) int8 (clip required), y only when y != nullptr, mean/rstd only
 // when non-null. The statistics and the affine output are the same code either way, so y is bit-identical.
+// pdl: launched with programmatic dependent launch (launch_ln below): wait for the previous kernel before any
+// access, then let the next one launch, the rule of lsquant/inference/pdl.py.
 template <typename T, bool kInt8>
 __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ gamma, const T* __restrict__ beta,
                               T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                               const float* __restrict__ clip, T* __restrict__ yq, int8_t* __restrict__ q,
-                              int64_t rows, int64_t H, float eps, bool vec) {
+                              int64_t rows, int64_t H, float eps, bool vec, bool pdl) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (pdl) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  }
+#endif
   // the clip is read here, on the device (a captured CUDA graph replays with the clip's current value)
   const ChannelScale s = clip ? channel_scale(clip, 0) : ChannelScale{1.f, 1.f};
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
@@ -171,6 +179,27 @@ __global__ void ln_bwd_params_kernel(const T* __restrict__ gy, const T* __restri
   pb[int64_t(blockIdx.y) * H + c] = db;
 }
 
+// The forward launch; with pdl, as a programmatic dependent launch (scheduled while the kernel before it runs; it
+// waits for that kernel inside, see ln_fwd_kernel). The decode step of the int8 engine runs LayerNorm between
+// two PDL-launched int8 GEMMs: an ordinary launch there waits for everything before it and breaks the chain.
+template <typename T, bool kInt8>
+cudaError_t launch_ln(int64_t rows, int threads, cudaStream_t stream, bool pdl, const T* x, const T* gamma,
+                      const T* beta, T* y, float* mean, float* rstd, const float* clip, T* yq, int8_t* q, int64_t H,
+                      float eps, bool vec) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(row_grid(rows));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, ln_fwd_kernel<T, kInt8>, x, gamma, beta, y, mean, rstd, clip, yq, q, rows, H, eps,
+                            vec, pdl);
+}
+
 template <typename T>
 bool vec_ok(int64_t H, std::initializer_list<const void*> ptrs) {
   if (H % Vec16<T>::N) return false;
@@ -183,33 +212,38 @@ bool vec_ok(int64_t H, std::initializer_list<const void*> ptrs) {
 
 cudaError_t layer_norm_fwd(const void* x, const void* gamma, const void* beta, void* y, float* mean, float* rstd,
                            const float* clip, void* yq, int64_t rows, int64_t H, float eps, int dtype,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, bool pdl) {
   if (rows == 0 || H == 0) return cudaSuccess;
-  return dispatch_float(dtype, [&](auto tag) {
+  cudaError_t err = cudaSuccess;
+  const cudaError_t derr = dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(H, {x, gamma, beta, y, clip ? yq : nullptr});
     const int threads = row_threads(vec ? H / Vec16<T>::N : H);
-    ln_fwd_kernel<T, false><<<row_grid(rows), threads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(gamma), static_cast<const T*>(beta), static_cast<T*>(y),
-        mean, rstd, clip, static_cast<T*>(yq), nullptr, rows, H, eps, vec);
+    err = launch_ln<T, false>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
+                              static_cast<const T*>(beta), static_cast<T*>(y), mean, rstd, clip,
+                              static_cast<T*>(yq), nullptr, H, eps, vec);
   });
+  return derr != cudaSuccess ? derr : err;
 }
 
 // The same launch shape as layer_norm_fwd (vec, threads, grid), so that the statistics are summed in the same
 // order and y is bit-identical to its: the outputs the binding allocates are 256-byte aligned, so vec depends on
 // x, gamma and beta alone in both launchers (q's rows are then V-byte aligned: H is a multiple of V).
 cudaError_t layer_norm_fwd_int8(const void* x, const void* gamma, const void* beta, const float* clip, void* y,
-                                int8_t* q, int64_t rows, int64_t H, float eps, int dtype, cudaStream_t stream) {
+                                int8_t* q, int64_t rows, int64_t H, float eps, int dtype, cudaStream_t stream,
+                                bool pdl) {
   if (rows == 0 || H == 0) return cudaSuccess;
   if (!clip || !q) return cudaErrorInvalidValue;
-  return dispatch_float(dtype, [&](auto tag) {
+  cudaError_t err = cudaSuccess;
+  const cudaError_t derr = dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(H, {x, gamma, beta, y, q});
     const int threads = row_threads(vec ? H / Vec16<T>::N : H);
-    ln_fwd_kernel<T, true><<<row_grid(rows), threads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(gamma), static_cast<const T*>(beta), static_cast<T*>(y),
-        nullptr, nullptr, clip, nullptr, q, rows, H, eps, vec);
+    err = launch_ln<T, true>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
+                             static_cast<const T*>(beta), static_cast<T*>(y), nullptr, nullptr, clip, nullptr, q,
+                             H, eps, vec);
   });
+  return derr != cudaSuccess ? derr : err;
 }
 
 // 64 rows per split at least; at most 256 splits (16384 rows -> 256 x 64): enough blocks for 132 SMs at

@@ -6,6 +6,7 @@
 // Inference, int8 output (layer_norm_fwd_int8): q = quantize(y, clip) int8 [rows, H] with the per-tensor clip
 // (fp32 [1] on the device, read by the kernel: CUDA-graph capturable), from y rounded to x's dtype, so q equals
 // quantize(layer_norm_fwd's y) bit for bit; y (same dtype as x) is also written when not null; no mean/rstd.
+// pdl: launch the forward with programmatic dependent launch (Hopper; the caller checks it is supported).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>
@@ -13,9 +14,10 @@
 namespace lsq {
 cudaError_t layer_norm_fwd(const void* x, const void* gamma, const void* beta, void* y, float* mean, float* rstd,
                            const float* clip, void* yq, int64_t rows, int64_t H, float eps, int dtype,
-                           cudaStream_t stream);
+                           cudaStream_t stream, bool pdl = false);
 cudaError_t layer_norm_fwd_int8(const void* x, const void* gamma, const void* beta, const float* clip, void* y,
-                                int8_t* q, int64_t rows, int64_t H, float eps, int dtype, cudaStream_t stream);
+                                int8_t* q, int64_t rows, int64_t H, float eps, int dtype, cudaStream_t stream,
+                                bool pdl = false);
 int layer_norm_bwd_splits(int64_t rows);
 int layer_norm_bwd_clip_partials(int64_t rows);
 cudaError_t layer_norm_bwd(const void* gy, const void* gq, const void* x, const void* gamma, const void* beta,

@@ -452,7 +452,10 @@ class Int8Linear:
                 self._failed.add("ln_tiled")
         from lsquant import ops
 
-        q = ops.layer_norm_quant(x, ln_weight, ln_bias, eps, self.x_clip_t, float_out=False)[1]
+        from . import pdl   # the LayerNorm between two PDL-launched GEMMs keeps the chain (lsquant.inference.pdl)
+
+        q = ops.layer_norm_quant(x, ln_weight, ln_bias, eps, self.x_clip_t, float_out=False,
+                                 pdl=pdl.layernorm(x.device))[1]
         if q_out is not None:
             q_out.copy_(q)
         return self(q, residual=residual)

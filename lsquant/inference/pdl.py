@@ -143,3 +143,11 @@ def launch_args(device: torch.device) -> dict:
     if enabled(device):
         return {"USE_PDL": True, "launch_pdl": True}
     return {}
+
+
+def layernorm(device: torch.device) -> bool:
+    """Whether the decode step's LayerNorm kernels (CUDA C++, csrc/kernels/layernorm.cu) are launched with PDL:
+    :func:`enabled`, unless LSQUANT_PDL_LN=0 (a comparison switch: the LayerNorm with ordinary launches, the
+    other kernels with PDL). Between two PDL-launched int8 GEMMs an ordinary launch waits for everything before
+    it and breaks the chain."""
+    return enabled(device) and os.environ.get("LSQUANT_PDL_LN", "1") != "0"

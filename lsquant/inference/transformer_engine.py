@@ -33,7 +33,7 @@ from lsquant.layers.transformer import _sdpa
 
 from lsquant.quant.ref import scale_and_inv
 
-from . import attention, decoding
+from . import attention, decoding, pdl
 from .embed_step import embed_step
 from .gemm import Int8Linear, side_stream
 
@@ -229,7 +229,7 @@ class _Engine:
 
     # -- pieces -------------------------------------------------------------------------------------------------
     def _ln(self, x, wb):
-        return ops.layer_norm(x, wb[0], wb[1], 1e-5)
+        return ops.layer_norm(x, wb[0], wb[1], 1e-5, pdl=pdl.layernorm(x.device))
 
     def _embed(self, which: str, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) from position 0 -> (B, L, H) (the encoder's input)."""

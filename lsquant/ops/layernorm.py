@@ -42,11 +42,11 @@ class _LayerNorm(torch.autograd.Function):
     """LayerNorm, and with a clip also yq = fake_quantize(y): outputs (y, yq)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, clip):
+    def forward(ctx, x, weight, bias, eps, clip, pdl=False):
         H = x.shape[-1]
         x2 = x.reshape(-1, H).contiguous()
         kclip = _kernel_clip(clip, x) if clip is not None else _NONE.to(x.device)
-        y, mean, rstd, yq = load().ln_fwd(x2, weight.contiguous(), bias.contiguous(), float(eps), kclip)
+        y, mean, rstd, yq = load().ln_fwd(x2, weight.contiguous(), bias.contiguous(), float(eps), kclip, bool(pdl))
         ctx.save_for_backward(x2, weight, bias, mean, rstd, kclip)
         ctx.clip_meta = None if clip is None else (clip.shape, clip.dtype, clip.device)
         ctx.x_shape = x.shape
@@ -62,21 +62,24 @@ class _LayerNorm(torch.autograd.Function):
         gy = empty if gy is None else gy.reshape(x2.shape).contiguous()
         gq = empty if gq is None else gq.reshape(x2.shape).contiguous()
         if gy.numel() == 0 and gq.numel() == 0:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         gx, gw, gb, gc = load().ln_bwd(gy, gq, x2, weight.contiguous(), bias.contiguous(), mean, rstd, kclip)
         gclip = None
         if ctx.clip_meta is not None and ctx.needs_input_grad[4]:
             shape, dtype, device = ctx.clip_meta
             gc = gc if gc.numel() else torch.zeros(1, device=x2.device)
             gclip = gc.reshape(shape).to(device=device, dtype=dtype)
-        return gx.view(ctx.x_shape), gw.to(weight.dtype), gb.to(bias.dtype), None, gclip
+        return gx.view(ctx.x_shape), gw.to(weight.dtype), gb.to(bias.dtype), None, gclip, None
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """The fused kernel on CUDA tensors, :func:`layer_norm_ref` elsewhere."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+               pdl: bool = False) -> torch.Tensor:
+    """The fused kernel on CUDA tensors, :func:`layer_norm_ref` elsewhere. pdl: launch it with programmatic
+    dependent launch (the decode step's kernels, where ``lsquant.inference.pdl.enabled`` says it runs); the same
+    values either way."""
     if not x.is_cuda:
         return layer_norm_ref(x, weight, bias, eps)
-    return _LayerNorm.apply(x, weight, bias, eps, None)
+    return _LayerNorm.apply(x, weight, bias, eps, None, bool(pdl))
 
 
 def layer_norm_fake_quant(x, weight, bias, eps: float, clip: torch.Tensor):
@@ -123,16 +126,16 @@ def _check_quant_args(x, weight, bias, clip) -> None:
                            "layer_norm_fake_quant")
 
 
-def _layer_norm_quant_cuda(x, weight, bias, eps: float, clip: torch.Tensor, float_out: bool):
+def _layer_norm_quant_cuda(x, weight, bias, eps: float, clip: torch.Tensor, float_out: bool, pdl: bool = False):
     """The kernel call (arguments already checked): one launch, no host synchronisation."""
     H = x.shape[-1]
     y, q = load().ln_quant_fwd(x.reshape(-1, H).contiguous(), weight.contiguous(), bias.contiguous(), float(eps),
-                               _kernel_clip(clip, x), bool(float_out))
+                               _kernel_clip(clip, x), bool(float_out), bool(pdl))
     return (y.view(x.shape) if float_out else None), q.view(x.shape)
 
 
 def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, clip: torch.Tensor,
-                     float_out: bool = True):
+                     float_out: bool = True, pdl: bool = False):
     """LayerNorm that also emits the next linear's int8 input (inference; one kernel on CUDA instead of
     :func:`layer_norm` then :func:`lsquant.ops.quantize`).
 
@@ -143,8 +146,8 @@ def layer_norm_quant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     float_out is False (then not written); q (..., H) int8 = ``quantize(y, clip)`` (per-tensor, scale
     clip / 127, round half to even, [-127, 127]) of that rounded y, bit-identical to the two-kernel path.
     No autograd: raises if an input requires grad while grad mode is on (call it under torch.no_grad() or
-    torch.inference_mode()). :func:`layer_norm_quant_ref` off CUDA."""
+    torch.inference_mode()). pdl: as :func:`layer_norm`'s. :func:`layer_norm_quant_ref` off CUDA."""
     _check_quant_args(x, weight, bias, clip)
     if not x.is_cuda:
         return layer_norm_quant_ref(x, weight, bias, eps, clip, float_out)
-    return _layer_norm_quant_cuda(x, weight, bias, eps, clip, float_out)
+    return _layer_norm_quant_cuda(x, weight, bias, eps, clip, float_out, pdl)
