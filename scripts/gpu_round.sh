@@ -7,6 +7,7 @@
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
 #   bash scripts/gpu_round.sh lnpdl      (~4 min) the LayerNorm launched with PDL against without, side by side
+#   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
 #       M values) with it as a candidate
@@ -66,6 +67,13 @@ bench base_lnpdl -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench big_lnpdl -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
 bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+elif [ "$PART" = lnpdl_quick ]; then
+# lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
+run tests 60 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py -k "layernorm or engine"
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
+bench base_lnpdl -- --models base --batches 1 8 --impls lsquant_int8 lsquant_fp16
+bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 --impls lsquant_int8
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = followup ]; then
 # the engines at their defaults (PDL on, LayerNorm not fused) after the pass-2 change of rough_topk._candidates
