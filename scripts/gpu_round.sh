@@ -70,7 +70,7 @@ bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
-run tests 60 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py -k "layernorm or engine"
+run tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_engine_transformer.py -k "layernorm or pdl"
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_lnpdl -- --models base --batches 1 8 --impls lsquant_int8 lsquant_fp16
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 --impls lsquant_int8
