@@ -2,6 +2,7 @@
 PyTorch model's own decoding and Hugging Face ``generate`` on an equivalent Marian model.
 
     python bench/bench_engine.py [--models base big] [--out bench/results/engine_<gpu>.csv] [--quick]
+        [--impls lsquant_int8 lsquant_fp16 pytorch_fp16 hf_marian_fp16 lsquant_int8_fp32]
 
 Random weights (calibrated on random batches for the int8 export), a fixed output length (min_len = max_len
 = 32 new tokens, so every implementation decodes the same number of steps), beam 4 and sampling (top-k 4),
@@ -38,7 +39,10 @@ from lsquant.models import Transformer, TransformerConfig  # noqa: E402
 MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
           "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
 VOCAB, NEW = 32000, 32
-IMPLS = ["lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16"]
+# lsquant_int8_fp32: the int8 engine with fp32 activations (its GEMMs int8 as ever; LayerNorm, attention, residuals
+# and logits in fp32): the setting whose greedy tokens match the fake-quant model (recipes/mt/RESULTS.md)
+IMPLS = ["lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16", "lsquant_int8_fp32"]
+INT8 = ("lsquant_int8", "lsquant_int8_fp32")
 
 
 def make_files(mname: str, tmp: Path) -> tuple[TransformerConfig, Path, Path, Path]:
@@ -103,7 +107,8 @@ def main() -> None:
     ap.add_argument("--src-lens", type=int, nargs="+", default=None, help="source lengths (default 16 32 64)")
     ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
-    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS, help="implementations to measure")
+    ap.add_argument("--impls", nargs="+", default=IMPLS[:4], choices=IMPLS,
+                    help="implementations to measure (default: all but lsquant_int8_fp32)")
     ap.add_argument("--tune", choices=["on", "off"], default="on",
                     help="tune the int8 engine's GEMMs for each measured batch and source length first (the "
                          "documented workflow; into a cache under a temporary folder) or use the defaults")
@@ -121,12 +126,12 @@ def main() -> None:
         tune_cache = TuningCache(tmp / "gemm_tuning.json")
         set_global_cache(tune_cache)   # engines built later look their GEMM kernels up here
 
-    def pre_tune(path, B):
+    def pre_tune(path, B, dtype=None):
         """Tune the int8 engine's GEMMs for batch B and every source length (the documented workflow: tune, then
         serve from the cache) on a throwaway engine, so that what tuning leaves allocated in the process (its
         timing graphs' pools, workspaces) is not counted as the measured engine's memory."""
         eng = QuantTransformer(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
-                               cuda_graph=False)
+                               cuda_graph=False, dtype=dtype)
         for S in lens:
             eng.tune([B], S, cache=tune_cache, progress=False)
 
@@ -138,10 +143,10 @@ def main() -> None:
         print(f"{mname}: files {sizes_mb}", flush=True)
 
         def build(impl, B, graph):
-            if impl in ("lsquant_int8", "lsquant_fp16"):
-                cls, path = (QuantTransformer, int8_file) if impl == "lsquant_int8" else (FloatEngine, fp16_file)
+            if impl in ("lsquant_int8", "lsquant_fp16", "lsquant_int8_fp32"):
+                cls, path = (QuantTransformer, int8_file) if impl in INT8 else (FloatEngine, fp16_file)
                 eng = cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
-                          cuda_graph=graph)
+                          cuda_graph=graph, dtype=torch.float32 if impl == "lsquant_int8_fp32" else None)
                 return eng
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
@@ -150,7 +155,7 @@ def main() -> None:
             return marian(sizes)
 
         graphs = {"on": [True], "off": [False], "both": [True, False]}[args.graph]
-        variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16") for g in graphs]
+        variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16", "lsquant_int8_fp32") for g in graphs]
         variants += [("pytorch_fp16", False), ("hf_marian_fp16", False)]
         variants = [(impl, g) for impl, g in variants if impl in args.impls]
         for impl, graph in variants:
@@ -160,8 +165,8 @@ def main() -> None:
             for B in batches:
                 if ours or obj is None:   # our engines: sized for this batch; the others hold no batch buffers
                     obj = None
-                    if impl == "lsquant_int8" and tune_cache is not None:
-                        pre_tune(int8_file, B)
+                    if impl in INT8 and tune_cache is not None:
+                        pre_tune(int8_file, B, torch.float32 if impl == "lsquant_int8_fp32" else None)
                     gc.collect()
                     torch.cuda.empty_cache()
                     # what stays allocated without this implementation (the process's CUDA context aside:
@@ -192,7 +197,8 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001
                             ms, mem, reserved = float("nan"), float("nan"), float("nan")
                             note = f"{type(e).__name__}: {str(e)[:120]}"
-                        file_mb = sizes_mb[{"lsquant_int8": "int8_file", "lsquant_fp16": "fp16_file"}.get(
+                        file_mb = sizes_mb[{"lsquant_int8": "int8_file", "lsquant_int8_fp32": "int8_file",
+                                            "lsquant_fp16": "fp16_file"}.get(
                             impl, "fp32_checkpoint")]
                         r = {**info, "model": f"transformer-{mname}", "impl": impl, "method": method, "batch": B,
                              "src_len": S, "new_tokens": NEW, "ms": round(ms, 2),
@@ -200,7 +206,7 @@ def main() -> None:
                              "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
                              "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
                              "peak_reserved_mb": round(reserved, 1), "floor_mb": round(floor, 1),
-                             "gemm_tuned": int(tune_cache is not None and impl == "lsquant_int8")}
+                             "gemm_tuned": int(tune_cache is not None and impl in INT8)}
                         rows.append(r)
                         print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
                               f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved (floor {floor:.1f}) {note}",

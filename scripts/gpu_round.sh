@@ -6,7 +6,8 @@
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
-#   bash scripts/gpu_round.sh lnpdl      (~4 min) the LayerNorm launched with PDL against without, side by side
+#   bash scripts/gpu_round.sh lnpdl      (~7 min; carry .whl) the LayerNorm launched with PDL against without, side
+#       by side; the int8 engine with fp32 activations; the engine's GEMMs with the CUTLASS candidates
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
@@ -67,6 +68,14 @@ bench base_lnpdl -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench big_lnpdl -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
 bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+# the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant model): speed, memory
+bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
+# the engine's GEMMs with the CUTLASS candidates (M >= 128: batch 32-128, beam 4), if the wheel was carried
+if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
+  python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > /dev/null 2>&1
+  bench base_cutlass LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source -- --models base \
+    --batches 32 128 --impls lsquant_int8
+fi
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
