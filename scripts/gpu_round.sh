@@ -73,6 +73,8 @@ bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_f
 # the engine's GEMMs with the CUTLASS candidates (M >= 128: batch 32-128, beam 4), if the wheel was carried
 if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
   python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > /dev/null 2>&1
+  run cutlass_build 240 env LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source python3 -c \
+    "from lsquant.inference import gemm_cutlass as g; g.library(); print('built', g.library_path())"
   bench base_cutlass LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source -- --models base \
     --batches 32 128 --impls lsquant_int8
 fi
