@@ -64,10 +64,14 @@ elif [ "$PART" = lnpdl ]; then
 run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
   tests/test_engine_transformer.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
-bench base_lnpdl -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench base_lnpdl -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 bench big_lnpdl -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
 bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+# the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
+# the default's 1 at batch 128 and 2 at batch 32 in base_lnpdl
+bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8
+bench base_slices8 LSQUANT_ROUGH_SLICES=8 -- --models base --batches 32 --impls lsquant_int8
 # the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant model): speed, memory
 bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
 # the engine's GEMMs with the CUTLASS candidates (M >= 128: batch 32-128, beam 4), if the wheel was carried
