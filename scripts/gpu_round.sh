@@ -72,6 +72,8 @@ bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant
 # the default's 1 at batch 128 and 2 at batch 32 in base_lnpdl
 bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8
 bench base_slices8 LSQUANT_ROUGH_SLICES=8 -- --models base --batches 32 --impls lsquant_int8
+# cross-attention per row (the former kernel) against per (sentence, head), the default, in base_lnpdl
+bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
 # the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant model): speed, memory
 bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
 # the engine's GEMMs with the CUTLASS candidates (M >= 128: batch 32-128, beam 4), if the wheel was carried

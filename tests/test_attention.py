@@ -96,7 +96,7 @@ def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
             assert got[:beams].abs().max() == 0
 
 
-@pytest.mark.parametrize("B,beams,nH,D,S", [(1, 1, 1, 8, 3), (3, 2, 2, 12, 37)])
+@pytest.mark.parametrize("B,beams,nH,D,S", [(1, 1, 1, 8, 3), (3, 2, 2, 12, 37), (2, 5, 3, 20, 40), (2, 4, 2, 16, 1)])
 def test_cross_attention_kernel_interpreted(triton_interpreter, B, beams, nH, D, S):
     _check_cross("cpu", B, beams, nH, D, S, torch.float32)
 
@@ -243,3 +243,14 @@ def test_embed_step_kernel_cuda(int8, dtype, V, H, N):
 
     args = _embed_case(V, H, N, int8, dtype, "cuda")
     assert torch.equal(embed_step(*args, 1, dtype), embed_step_ref(*args, 1, dtype))
+
+
+def test_cross_attention_beams_kernel_interpreted_int8_out(triton_interpreter):
+    """The per-sentence kernel (beams > 1) with the int8 context for the output linear."""
+    _check_cross("cpu", 3, 4, 2, 24, 45, torch.float32, out_int8=True)
+
+
+def test_cross_attention_per_row_switch_interpreted(triton_interpreter, monkeypatch):
+    """LSQUANT_CROSS_BEAMS=0: beams > 1 on the per-row kernel, the same values up to the summation order."""
+    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", "0")
+    _check_cross("cpu", 3, 4, 2, 24, 45, torch.float32)

@@ -12,7 +12,8 @@ gathering and rewriting every layer's K/V cache (at batch 32, beam 4, Transforme
 caches of 128 rows x 32 x 512 int8, 25 MB read and written per step, against a 16 KB table).
 
 Cross-attention: row r (beam r % beams of sentence r // beams) attends over its sentence's one copy of the
-source keys, with the source padding mask.
+source keys, with the source padding mask. With beams > 1 one program per (sentence, head) serves all its beams
+(``cross_beams_kernel``: the source K/V read once, not once per beam, in half the waves at batch 128).
 
 The kernel (one program per row and head) fuses what the reference runs as ~10 kernels per layer: quantize the
 new K/V and write them, gather the cached keys through ``anc``, dequantize, Q K^T, the masked softmax, P V, the
@@ -27,6 +28,7 @@ engine dtype once, then quantized exactly as ``ops.quantize`` when an int8 outpu
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -196,11 +198,63 @@ def _build(interpret: bool):
         else:
             tl.store(optr, ctx, mask=dmask)
 
-    return decode_attention_kernel
+    @triton.jit
+    def cross_beams_kernel(q_ptr, stride_q, kv_ptr, s_kv, s_row, s_head, s_pos, mask_ptr, stride_mask, L,
+                           out_ptr, stride_o, out_inv_ptr, sm_scale, BEAMS,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr,
+                           OUT_INT8: tl.constexpr, USE_PDL: tl.constexpr = False):
+        # cross-attention of a sentence's beams: program (sentence b, head h) loads each block of the source keys
+        # and values once for its BEAMS query rows (decode_attention_kernel, one program per row, loads them
+        # BEAMS times). Scores, softmax and the weighted sum in fp32 as there (exact fp32 products: IEEE dots,
+        # not TF32), the same masking and the same rounding of the context
+        if USE_PDL:
+            _pdl_enter()
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        dt = q_ptr.dtype.element_ty
+        offs_i = tl.arange(0, BLOCK_B)
+        imask = offs_i < BEAMS
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        col = h * D + offs_d
+        rows = b.to(tl.int64) * BEAMS + offs_i
+        qm = imask[:, None] & dmask[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_q + col[None, :], mask=qm, other=0.0).to(tl.float32)
+        head = kv_ptr + b.to(tl.int64) * s_row + h.to(tl.int64) * s_head
+        m = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+        l = tl.zeros((BLOCK_B,), tl.float32)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+        for j0 in range(0, L, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            jm = offs_j < L
+            pad = tl.load(mask_ptr + b.to(tl.int64) * stride_mask + offs_j, mask=jm, other=1)
+            valid = jm & (pad == 0)
+            kp = head + offs_j[:, None].to(tl.int64) * s_pos + offs_d[None, :]
+            lm = valid[:, None] & dmask[None, :]
+            k = tl.load(kp, mask=lm, other=0).to(tl.float32)
+            v = tl.load(kp + s_kv, mask=lm, other=0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale            # (BLOCK_B, BLOCK_J)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)   # all masked so far: no NaN from -inf - -inf
+            alpha = tl.exp(m - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            m = m_new
+        # a row whose keys are all masked gives zeros (as ops.masked_softmax)
+        ctx = tl.where(l[:, None] > 0, acc / tl.where(l > 0, l, 1.0)[:, None], 0.0).to(dt)
+        optr = out_ptr + rows[:, None] * stride_o + col[None, :]
+        if OUT_INT8:
+            tl.store(optr, _quant(ctx.to(tl.float32), tl.load(out_inv_ptr)).to(tl.int8), mask=qm)
+        else:
+            tl.store(optr, ctx, mask=qm)
+
+    return decode_attention_kernel, cross_beams_kernel
 
 
 def _kernel():
-    return _build(_interpret())
+    return _build(_interpret())[0]
 
 
 def tile() -> tuple[int, int]:
@@ -210,7 +264,6 @@ def tile() -> tuple[int, int]:
     programs an SM, where 4 warps x 64 keys took 128 registers, 4 an SM: at batch 128, beam 4 (4,096 programs) 2.6
     waves instead of 7.8. Each thread holds the same 32 key elements either way, so a block of keys costs the same;
     outputs over 32 tokens take two blocks. ``LSQUANT_ATTN_TILE=warps,keys`` overrides it (comparisons)."""
-    import os
 
     v = os.environ.get("LSQUANT_ATTN_TILE")
     if v:
@@ -246,6 +299,27 @@ def _launch(q, new, cache, anc, mask, t, L, kv, out_inv, beams, self_attn: bool,
     return out
 
 
+def _launch_beams(q, kv, mask, L, out_inv, beams, nhead: int):
+    """cross_beams_kernel: one program per (sentence, head) over its beams' query rows. 16 rows at least (tl.dot's
+    smallest tile; the rows past ``beams`` are masked), 16 keys a block, 2 warps. Like the per-row kernel it is
+    latency-bound, so what decides its time is how many waves of programs it takes: compiled for sm_90 as launched
+    (head_dim 64) it takes 106 registers, 9 programs an SM, so batch 128 x 8 heads (1,024 programs) is one wave on
+    132 SMs, where the per-row kernel's 4,096 programs at 16 an SM take two (4 warps x 32 keys: 111 registers, 4
+    an SM, two waves again; 2 x 32: 166)."""
+    import triton
+
+    N, H = q.shape
+    D = H // nhead
+    int8_out = out_inv is not None
+    out = torch.empty(N, H, dtype=torch.int8 if int8_out else q.dtype, device=q.device)
+    _build(_interpret())[1][(N // beams, nhead)](
+        q, q.stride(0), kv, kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), mask, mask.stride(0), L,
+        out, out.stride(0), out_inv if int8_out else _dummy(q.device), D ** -0.5, beams,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_B=max(16, triton.next_power_of_2(beams)),
+        BLOCK_J=16, OUT_INT8=int8_out, num_warps=2, **pdl.launch_args(q.device))
+    return out
+
+
 def self_attention(qkv, cache, anc, t, nhead: int, kv_clip=None, kv=None, bucket: int | None = None,
                    out_clip=None, out_inv=None):
     """One decoder step's self-attention (see the module docstring). qkv (N, 3H); cache (2, R, nH, T, D), a view
@@ -272,5 +346,7 @@ def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
     nhead, S = kv.shape[2], kv.shape[3]
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
+    if beams > 1 and os.environ.get("LSQUANT_CROSS_BEAMS", "1") != "0":   # 0: the per-row kernel (comparisons)
+        return _launch_beams(q, kv, mask, S, out_inv, beams, nhead)
     # the position pointer is read by self-attention only: the mask stands in for it
     return _launch(q, None, kv, None, mask, mask, S, None, out_inv, beams, False, nhead)
