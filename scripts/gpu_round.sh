@@ -6,8 +6,9 @@
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
-#   bash scripts/gpu_round.sh lnpdl      (~7 min; carry .whl) the LayerNorm launched with PDL against without, side
-#       by side; the int8 engine with fp32 activations; the engine's GEMMs with the CUTLASS candidates
+#   bash scripts/gpu_round.sh lnpdl      (~8 min) the LayerNorm under PDL, cross-attention per sentence, rough top-k
+#       slices, each side by side with its former self
+#   bash scripts/gpu_round.sh exact      (~5 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
@@ -59,24 +60,28 @@ grep "B=" "$W/search.log"
 bench base_fused512 LSQUANT_LN_GEMM=1 LSQUANT_PDL=0 LSQUANT_LN_GEMM_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
 python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl ]; then
-# the LayerNorm kernels launched with PDL (the default now) against ordinary launches (LSQUANT_PDL_LN=0), side by
-# side; the engines' PDL-vs-not comparisons and the LayerNorm's own in the cuda tests first
-run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
-  tests/test_engine_transformer.py
+# the decode-step changes of the session after run F, each against its former self side by side (~8 min): the
+# LayerNorm launched with PDL (LSQUANT_PDL_LN=0: ordinary launches), cross-attention per (sentence, head)
+# (LSQUANT_CROSS_BEAMS=0: per row), more rough top-k slices per row. Their cuda tests first
+run tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
+  tests/test_attention.py tests/test_engine_transformer.py tests/test_rough_topk.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
-bench base_lnpdl -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
+bench base_new -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
-bench big_lnpdl -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
-bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
 # the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
-# the default's 1 at batch 128 and 2 at batch 32 in base_lnpdl
+# the default's 1 at batch 128 and 2 at batch 32 in base_new
 bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8
 bench base_slices8 LSQUANT_ROUGH_SLICES=8 -- --models base --batches 32 --impls lsquant_int8
-# cross-attention per row (the former kernel) against per (sentence, head), the default, in base_lnpdl
-bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
-# the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant model): speed, memory
+bench big_new -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+python3 scripts/round_table.py "$W" --base base_new > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+elif [ "$PART" = exact ]; then
+# (~5 min; carry .whl) the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant
+# model): speed and memory against the default fp16 activations; then its GEMMs with the CUTLASS candidates
+# (M >= 128: batch 32-128, beam 4)
+bench base_default -- --models base --batches 1 8 32 128 --impls lsquant_int8
 bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
-# the engine's GEMMs with the CUTLASS candidates (M >= 128: batch 32-128, beam 4), if the wheel was carried
 if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
   python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > /dev/null 2>&1
   run cutlass_build 240 env LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source python3 -c \
@@ -84,7 +89,7 @@ if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
   bench base_cutlass LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source -- --models base \
     --batches 32 128 --impls lsquant_int8
 fi
-python3 scripts/round_table.py "$W" > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+python3 scripts/round_table.py "$W" --base base_default > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
 run tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_engine_transformer.py -k "layernorm or pdl"
