@@ -185,12 +185,17 @@ def test_gemm_kernels_with_pdl_equal_without(monkeypatch):
     for i, (a, b) in enumerate(zip(got, ref)):
         assert torch.equal(a, b), i
     # and replayed from a CUDA graph, the chain of PDL launches captured as programmatic edges
+    _replays_equal(lambda: _gemm_outputs(cases), ref)
+
+
+def _replays_equal(fn, ref):
+    """fn (-> list of tensors) captured in a CUDA graph on a side stream, replayed three times: equal to ref."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         with torch.cuda.graph(graph, stream=side):
-            static = _gemm_outputs(cases)
+            static = fn()
     torch.cuda.current_stream().wait_stream(side)
     for _ in range(3):
         graph.replay()
@@ -316,14 +321,4 @@ def test_layernorm_with_pdl_equals_without(monkeypatch):
     with torch.no_grad():
         ref = chain(False)
         assert torch.equal(chain(True), ref)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            with torch.cuda.graph(graph, stream=side):
-                static = chain(True)
-        torch.cuda.current_stream().wait_stream(side)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(static, ref)
+        _replays_equal(lambda: [chain(True)], [ref])
