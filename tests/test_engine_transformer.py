@@ -96,6 +96,48 @@ def test_int8_engine_equals_qat_model(trained, test_src, tmp_path):
     assert fp.tensors["encoder/0/qkv/weight"].dtype == np.int8
 
 
+def test_int8_engine_with_fp16_logits(trained, test_src, tmp_path):
+    """logits_dtype: the projection writes fp16 logits in an fp32 engine; the search reads them as the model's
+    logits rounded to fp16 (greedy: the argmax of the rounded logits). Only the int8 engine takes it."""
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(4, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    path = export_transformer(qat, tmp_path / "q.h5", "int8", float_dtype="float32")
+    eng = QuantTransformer(path, max_batch_size=64, dtype=torch.float32, logits_dtype=torch.float16)
+    assert eng.proj.out_dtype == torch.float16
+    full = QuantTransformer(path, max_batch_size=64, dtype=torch.float32)
+    seen = []
+    full.proj = _Rounding(full.proj, seen)
+    for method in ("greedy", "beam"):
+        a, sa = eng.infer(test_src, method=method)
+        b, sb = full.infer(test_src, method=method)
+        assert torch.equal(a, b) and torch.equal(sa, sb), method
+    assert seen
+    with pytest.raises(ValueError, match="logits_dtype"):
+        QuantTransformer(path, max_batch_size=4, logits_dtype=torch.int8)
+    f16 = export_transformer(trained, tmp_path / "f.h5", "fp16")
+    with pytest.raises(ValueError, match="int8 engine"):
+        FloatEngine(f16, max_batch_size=4, dtype=torch.float32, logits_dtype=torch.float16)
+
+
+class _Rounding:
+    """An engine's projection whose logits are rounded to fp16 and back (what logits_dtype=fp16 stores)."""
+
+    def __init__(self, lin, seen):
+        self.lin, self.seen = lin, seen
+
+    def __call__(self, *a, **k):
+        self.seen.append(1)
+        return self.lin(*a, **k).half().float()
+
+    def ln_call(self, *a, **k):
+        self.seen.append(1)
+        return self.lin.ln_call(*a, **k).half().float()
+
+    def __getattr__(self, name):
+        return getattr(self.lin, name)
+
+
 def test_int8_engine_equals_qat_model_with_exact_gemm(trained, test_src, tmp_path):
     """With the QAT model's GEMMs on int8 levels (lsquant.exact_gemm), its linears are the engine's arithmetic
     bit for bit: every beam's tokens agree, and nearly every score to the bit. What is left to differ: attention

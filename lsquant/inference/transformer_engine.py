@@ -127,11 +127,15 @@ class _Engine:
 
     def __init__(self, path: str | os.PathLike, max_batch_size: int, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, beam_size: int | None = None, max_tgt_len: int | None = None,
-                 max_src_len: int | None = None, cuda_graph: bool = True):
+                 max_src_len: int | None = None, cuda_graph: bool = True, logits_dtype: torch.dtype | None = None):
         """path: an exported HDF5 file; max_batch_size: sentences per request; beam_size: the largest beam
         (default: the file's); max_tgt_len / max_src_len: the longest output (tokens, </s> included) and source
         the buffers hold (default: the model's max_seq_len; smaller values save memory); cuda_graph: capture
-        the decoder step in CUDA graphs (ignored on the CPU)."""
+        the decoder step in CUDA graphs (ignored on the CPU). dtype: the activations' (default fp16 on CUDA,
+        fp32 on the CPU); logits_dtype (int8 engine): the output projection's (default: dtype). With
+        dtype=torch.float32 the int8 engine's greedy tokens match the fake-quant model's (recipes/mt/RESULTS.md);
+        logits_dtype=torch.float16 then keeps its largest buffer (rows x vocabulary) at 2 bytes, at ~1% of
+        the sentences' agreement."""
         from lsquant.export.transformer import read_transformer
         from lsquant.models.transformer import TransformerConfig
 
@@ -150,6 +154,12 @@ class _Engine:
             raise ValueError(f"beam_size must be a positive int, got {beam_size!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        if logits_dtype is not None and logits_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"logits_dtype must be torch.float32, float16 or bfloat16, got {logits_dtype!r}")
+        if logits_dtype is not None and logits_dtype != self.dtype and not self.int8:
+            raise ValueError(f"logits_dtype applies to the int8 engine (QuantTransformer); the {self.precision} "
+                             f"engine's logits are in its dtype ({self.dtype})")
+        self.logits_dtype = logits_dtype or self.dtype
         self.max_batch_size = max_batch_size
         self.max_tgt_len = max_tgt_len or c.max_seq_len
         self.max_src_len = max_src_len or c.max_seq_len
@@ -201,7 +211,7 @@ class _Engine:
         if q:
             tgt = self.tables["tgt_embedding"]
             self.proj_clip = torch.as_tensor(t["output_projection/input_clip"]).to(dev)
-            self.proj = Int8Linear(tgt.rows, w_clip=tgt.clip, x_clip=self.proj_clip, out_dtype=dt)
+            self.proj = Int8Linear(tgt.rows, w_clip=tgt.clip, x_clip=self.proj_clip, out_dtype=self.logits_dtype)
         self.enc, self.dec = [], []
         for stack, n, names, out in (("encoder", c.num_encoder_layers, _ENC, self.enc),
                                      ("decoder", c.num_decoder_layers, _DEC, self.dec)):
