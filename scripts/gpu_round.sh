@@ -68,6 +68,8 @@ run tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_new -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+# the LayerNorm fused into the GEMM (opt-in; with PDL it was 1.36x at batch 8 in run E): still worth it now?
+bench base_lnfused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 --impls lsquant_int8
 bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
 # the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
 # the default's 1 at batch 128 and 2 at batch 32 in base_new
