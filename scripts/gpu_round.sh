@@ -12,7 +12,7 @@
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
-#       M values) with it as a candidate
+#       M values) with it as a candidate; GEMM_RETIME_M="64 512": those M again, in a second independent run
 set -u
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/lsquant_gpu_out}
@@ -121,5 +121,9 @@ run cutlass_tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/tes
 grep -E "^(FAILED|ERROR)" "$W/cutlass_tests.log" | head -10
 run gemm_bench 330 python3 bench/bench_gemm.py --m ${GEMM_M:-2048 8192 16384} --out "$W/gemm.csv" --cache "$W/tune.json"
 tail -8 "$W/gemm_bench.log"
+if [ -n "${GEMM_RETIME_M:-}" ]; then   # a second, independent run of those M: how far the rows move between runs
+  run gemm_retime 150 python3 bench/bench_gemm.py --m $GEMM_RETIME_M --out "$W/gemm_retime.csv" --cache "$W/tune2.json"
+  grep -E "x bf16" "$W/gemm_retime.log" | head -30
+fi
 fi
 rm -rf "$W"
