@@ -2,7 +2,7 @@
 PyTorch model's own decoding and Hugging Face ``generate`` on an equivalent Marian model.
 
     python bench/bench_engine.py [--models base big] [--out bench/results/engine_<gpu>.csv] [--quick]
-        [--impls lsquant_int8 lsquant_fp16 pytorch_fp16 hf_marian_fp16 lsquant_int8_fp32]
+        [--impls lsquant_int8 lsquant_fp16 pytorch_fp16 hf_marian_fp16 lsquant_int8_fp32 lsquant_int8_fp32l16]
 
 Random weights (calibrated on random batches for the int8 export), a fixed output length (min_len = max_len
 = 32 new tokens, so every implementation decodes the same number of steps), beam 4 and sampling (top-k 4),
@@ -40,9 +40,11 @@ MODELS = {"base": dict(hidden_size=512, intermediate_size=2048, nhead=8),
           "big": dict(hidden_size=1024, intermediate_size=4096, nhead=16)}
 VOCAB, NEW = 32000, 32
 # lsquant_int8_fp32: the int8 engine with fp32 activations (its GEMMs int8 as ever; LayerNorm, attention, residuals
-# and logits in fp32): the setting whose greedy tokens match the fake-quant model (recipes/mt/RESULTS.md)
-IMPLS = ["lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16", "lsquant_int8_fp32"]
-INT8 = ("lsquant_int8", "lsquant_int8_fp32")
+# and logits in fp32): the setting whose greedy tokens match the fake-quant model (recipes/mt/RESULTS.md);
+# lsquant_int8_fp32l16: the same with fp16 logits (logits_dtype), the largest buffer at 2 bytes
+IMPLS = ["lsquant_int8", "lsquant_fp16", "pytorch_fp16", "hf_marian_fp16", "lsquant_int8_fp32", "lsquant_int8_fp32l16"]
+INT8 = ("lsquant_int8", "lsquant_int8_fp32", "lsquant_int8_fp32l16")
+FP32 = ("lsquant_int8_fp32", "lsquant_int8_fp32l16")
 
 
 def make_files(mname: str, tmp: Path) -> tuple[TransformerConfig, Path, Path, Path]:
@@ -108,7 +110,7 @@ def main() -> None:
     ap.add_argument("--graph", choices=["on", "off", "both"], default="both",
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
     ap.add_argument("--impls", nargs="+", default=IMPLS[:4], choices=IMPLS,
-                    help="implementations to measure (default: all but lsquant_int8_fp32)")
+                    help="implementations to measure (default: the first four)")
     ap.add_argument("--tune", choices=["on", "off"], default="on",
                     help="tune the int8 engine's GEMMs for each measured batch and source length first (the "
                          "documented workflow; into a cache under a temporary folder) or use the defaults")
@@ -143,11 +145,13 @@ def main() -> None:
         print(f"{mname}: files {sizes_mb}", flush=True)
 
         def build(impl, B, graph):
-            if impl in ("lsquant_int8", "lsquant_fp16", "lsquant_int8_fp32"):
+            if impl in INT8 or impl == "lsquant_fp16":
                 cls, path = (QuantTransformer, int8_file) if impl in INT8 else (FloatEngine, fp16_file)
-                eng = cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
-                          cuda_graph=graph, dtype=torch.float32 if impl == "lsquant_int8_fp32" else None)
-                return eng
+                kw = dict(dtype=torch.float32) if impl in FP32 else {}
+                if impl == "lsquant_int8_fp32l16":
+                    kw["logits_dtype"] = torch.float16
+                return cls(path, max_batch_size=B, beam_size=4, max_tgt_len=NEW, max_src_len=max(lens),
+                           cuda_graph=graph, **kw)
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
                 m.load_state_dict(torch.load(fp32_path, map_location="cpu", weights_only=False)["model"])
@@ -155,7 +159,7 @@ def main() -> None:
             return marian(sizes)
 
         graphs = {"on": [True], "off": [False], "both": [True, False]}[args.graph]
-        variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16", "lsquant_int8_fp32") for g in graphs]
+        variants = [(impl, g) for impl in ("lsquant_int8", "lsquant_fp16", *FP32) for g in graphs]
         variants += [("pytorch_fp16", False), ("hf_marian_fp16", False)]
         variants = [(impl, g) for impl, g in variants if impl in args.impls]
         for impl, graph in variants:
@@ -166,7 +170,7 @@ def main() -> None:
                 if ours or obj is None:   # our engines: sized for this batch; the others hold no batch buffers
                     obj = None
                     if impl in INT8 and tune_cache is not None:
-                        pre_tune(int8_file, B, torch.float32 if impl == "lsquant_int8_fp32" else None)
+                        pre_tune(int8_file, B, torch.float32 if impl in FP32 else None)
                     gc.collect()
                     torch.cuda.empty_cache()
                     # what stays allocated without this implementation (the process's CUDA context aside:
@@ -197,8 +201,7 @@ def main() -> None:
                         except Exception as e:  # noqa: BLE001
                             ms, mem, reserved = float("nan"), float("nan"), float("nan")
                             note = f"{type(e).__name__}: {str(e)[:120]}"
-                        file_mb = sizes_mb[{"lsquant_int8": "int8_file", "lsquant_int8_fp32": "int8_file",
-                                            "lsquant_fp16": "fp16_file"}.get(
+                        file_mb = sizes_mb[{**{i: "int8_file" for i in INT8}, "lsquant_fp16": "fp16_file"}.get(
                             impl, "fp32_checkpoint")]
                         r = {**info, "model": f"transformer-{mname}", "impl": impl, "method": method, "batch": B,
                              "src_len": S, "new_tokens": NEW, "ms": round(ms, 2),

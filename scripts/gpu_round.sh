@@ -84,6 +84,7 @@ elif [ "$PART" = exact ]; then
 # (M >= 128: batch 32-128, beam 4)
 bench base_default -- --models base --batches 1 8 32 128 --impls lsquant_int8
 bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
+bench base_int8fp32l16 -- --models base --batches 8 128 --impls lsquant_int8_fp32l16
 if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
   python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > /dev/null 2>&1
   run cutlass_build 240 env LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source python3 -c \

@@ -26,7 +26,7 @@ def read(folder: Path) -> dict:
                 if tps != tps:   # NaN: the run failed (its note says why)
                     continue
                 key = (r["model"].replace("transformer-", ""), r["method"], int(r["batch"]), int(r["src_len"]))
-                impl = "lsquant_int8" if r["impl"] == "lsquant_int8_fp32" else r["impl"]   # its own variant
+                impl = "lsquant_int8" if r["impl"].startswith("lsquant_int8") else r["impl"]   # its own variant
                 rows[key][(variant, impl)] = tps
     return rows
 
