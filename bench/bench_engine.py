@@ -169,10 +169,12 @@ def main() -> None:
             for B in batches:
                 if ours or obj is None:   # our engines: sized for this batch; the others hold no batch buffers
                     obj = None
-                    if impl in INT8 and tune_cache is not None:
+                    tuned = impl in INT8 and tune_cache is not None
+                    if tuned:
                         try:
                             pre_tune(int8_file, B, torch.float32 if impl in FP32 else None)
                         except Exception as e:  # noqa: BLE001 - measured with the default kernels instead
+                            tuned = False
                             print(f"{mname} {impl} B={B}: tuning failed ({type(e).__name__}: {e}); "
                                   "default kernels", flush=True)
                     gc.collect()
@@ -213,7 +215,7 @@ def main() -> None:
                              "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
                              "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
                              "peak_reserved_mb": round(reserved, 1), "floor_mb": round(floor, 1),
-                             "gemm_tuned": int(tune_cache is not None and impl in INT8)}
+                             "gemm_tuned": int(tuned)}
                         rows.append(r)
                         print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
                               f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved (floor {floor:.1f}) {note}",
