@@ -77,8 +77,9 @@ def main() -> None:
             raise SystemExit(f"{p} is missing: run scripts/diag_agreement.py with --run-dir {a.run_dir} first")
     tok = tokenizer(cfg)
     srcs_txt, _ = load_pairs(cfg, a.split, a.limit)
-    eos = Transformer.load(q).config.eos_id
-    src = tok.encode_batch(srcs_txt, add_bos=False, max_len=Transformer.load(q).config.max_seq_len)
+    mcfg = Transformer.load(q).config
+    eos = mcfg.eos_id
+    src = tok.encode_batch(srcs_txt, add_bos=False, max_len=mcfg.max_seq_len)
     batches = [collate([src[i] for i in idx])["src_ids"]
                for idx in length_sorted_batches([len(x) for x in src], 64)]
     ref = decode_model(fp32_model(q, True), batches, "cpu", exact=True)

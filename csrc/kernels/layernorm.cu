@@ -182,10 +182,10 @@ __global__ void ln_bwd_params_kernel(const T* __restrict__ gy, const T* __restri
 // The forward launch; with pdl, as a programmatic dependent launch (scheduled while the kernel before it runs; it
 // waits for that kernel inside, see ln_fwd_kernel). The decode step of the int8 engine runs LayerNorm between
 // two PDL-launched int8 GEMMs: an ordinary launch there waits for everything before it and breaks the chain.
+// A launch error is the runtime's last error, which dispatch_float returns.
 template <typename T, bool kInt8>
-cudaError_t launch_ln(int64_t rows, int threads, cudaStream_t stream, bool pdl, const T* x, const T* gamma,
-                      const T* beta, T* y, float* mean, float* rstd, const float* clip, T* yq, int8_t* q, int64_t H,
-                      float eps, bool vec) {
+void launch_ln(int64_t rows, int threads, cudaStream_t stream, bool pdl, const T* x, const T* gamma, const T* beta,
+               T* y, float* mean, float* rstd, const float* clip, T* yq, int8_t* q, int64_t H, float eps, bool vec) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(row_grid(rows));
   cfg.blockDim = dim3(threads);
@@ -196,8 +196,8 @@ cudaError_t launch_ln(int64_t rows, int threads, cudaStream_t stream, bool pdl, 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, ln_fwd_kernel<T, kInt8>, x, gamma, beta, y, mean, rstd, clip, yq, q, rows, H, eps,
-                            vec, pdl);
+  cudaLaunchKernelEx(&cfg, ln_fwd_kernel<T, kInt8>, x, gamma, beta, y, mean, rstd, clip, yq, q, rows, H, eps, vec,
+                     pdl);
 }
 
 template <typename T>
@@ -214,16 +214,14 @@ cudaError_t layer_norm_fwd(const void* x, const void* gamma, const void* beta, v
                            const float* clip, void* yq, int64_t rows, int64_t H, float eps, int dtype,
                            cudaStream_t stream, bool pdl) {
   if (rows == 0 || H == 0) return cudaSuccess;
-  cudaError_t err = cudaSuccess;
-  const cudaError_t derr = dispatch_float(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(H, {x, gamma, beta, y, clip ? yq : nullptr});
     const int threads = row_threads(vec ? H / Vec16<T>::N : H);
-    err = launch_ln<T, false>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
-                              static_cast<const T*>(beta), static_cast<T*>(y), mean, rstd, clip,
-                              static_cast<T*>(yq), nullptr, H, eps, vec);
+    launch_ln<T, false>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
+                        static_cast<const T*>(beta), static_cast<T*>(y), mean, rstd, clip, static_cast<T*>(yq),
+                        nullptr, H, eps, vec);
   });
-  return derr != cudaSuccess ? derr : err;
 }
 
 // The same launch shape as layer_norm_fwd (vec, threads, grid), so that the statistics are summed in the same
@@ -234,16 +232,14 @@ cudaError_t layer_norm_fwd_int8(const void* x, const void* gamma, const void* be
                                 bool pdl) {
   if (rows == 0 || H == 0) return cudaSuccess;
   if (!clip || !q) return cudaErrorInvalidValue;
-  cudaError_t err = cudaSuccess;
-  const cudaError_t derr = dispatch_float(dtype, [&](auto tag) {
+  return dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = vec_ok<T>(H, {x, gamma, beta, y, q});
     const int threads = row_threads(vec ? H / Vec16<T>::N : H);
-    err = launch_ln<T, true>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
-                             static_cast<const T*>(beta), static_cast<T*>(y), nullptr, nullptr, clip, nullptr, q,
-                             H, eps, vec);
+    launch_ln<T, true>(rows, threads, stream, pdl, static_cast<const T*>(x), static_cast<const T*>(gamma),
+                       static_cast<const T*>(beta), static_cast<T*>(y), nullptr, nullptr, clip, nullptr, q, H, eps,
+                       vec);
   });
-  return derr != cudaSuccess ? derr : err;
 }
 
 // 64 rows per split at least; at most 256 splits (16384 rows -> 256 x 64): enough blocks for 132 SMs at
