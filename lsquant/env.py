@@ -15,6 +15,8 @@ SETTINGS = {
     "LSQUANT_GEMM_CACHE": "the GEMM tuning cache file",
     "LSQUANT_LN_GEMM": "1: LayerNorm fused into the int8 GEMM at decoding's row counts",
     "LSQUANT_LN_GEMM_MAX_M": "the fused LayerNorm's row bound (default 64)",
+    "LSQUANT_LN_TAIL": "1: the decoder's LayerNorm computed by the residual GEMM before it (int8 engine)",
+    "LSQUANT_LN_TAIL_MAX_M": "the LayerNorm tail's row bound (default 64)",
     "LSQUANT_PDL": "0: no programmatic dependent launch of the decode step's Triton kernels (on by default, sm_90+)",
     "LSQUANT_CROSS_BEAMS": "0: beam search's cross-attention one program per row instead of per (sentence, head) (comparisons)",
     "LSQUANT_PDL_LN": "0: the decode step's LayerNorm kernel launched without PDL, the rest with it (comparisons)",

@@ -6,8 +6,8 @@
 # with PDL), the per-kernel profile and the search benchmark. Logs and CSVs packed in $OUT/round.tgz.
 #   bash scripts/gpu_round.sh engine     (~9 min; the default)
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
-#   bash scripts/gpu_round.sh lnpdl      (~8 min) the LayerNorm under PDL, cross-attention per sentence, rough top-k
-#       slices, each side by side with its former self
+#   bash scripts/gpu_round.sh lnpdl      (~9 min) the LayerNorm under PDL, the LayerNorm in the residual GEMM's tail,
+#       cross-attention per sentence, rough top-k slices, each side by side with its former self
 #   bash scripts/gpu_round.sh exact      (~5 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
@@ -63,20 +63,23 @@ elif [ "$PART" = lnpdl ]; then
 # the decode-step changes of the session after run F, each against its former self side by side (~8 min): the
 # LayerNorm launched with PDL (LSQUANT_PDL_LN=0: ordinary launches), cross-attention per (sentence, head)
 # (LSQUANT_CROSS_BEAMS=0: per row), more rough top-k slices per row. Their cuda tests first
-run tests 180 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
-  tests/test_attention.py tests/test_engine_transformer.py tests/test_rough_topk.py
+run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
+  tests/test_attention.py tests/test_engine_transformer.py tests/test_rough_topk.py tests/test_ln_gemm.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
 bench base_new -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
-bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
-# the LayerNorm fused into the GEMM (opt-in; with PDL it was 1.36x at batch 8 in run E): still worth it now?
+bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8
+# the LayerNorm in the residual GEMM's last programs (LSQUANT_LN_TAIL=1, <= 64 rows; 128 / 512 rows with the bound
+# raised) and in the next GEMM's prologue (LSQUANT_LN_GEMM=1; with PDL 1.36x at batch 8 in run E)
+bench base_lntail LSQUANT_LN_TAIL=1 -- --models base --batches 1 8 --impls lsquant_int8
 bench base_lnfused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 --impls lsquant_int8
-bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
-# the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
-# the default's 1 at batch 128 and 2 at batch 32 in base_new
-bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8
-bench base_slices8 LSQUANT_ROUGH_SLICES=8 -- --models base --batches 32 --impls lsquant_int8
 bench big_new -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
-bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
+bench big_lntail LSQUANT_LN_TAIL=1 -- --models big --batches 1 8 --impls lsquant_int8
+bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
+bench base_lntail512 LSQUANT_LN_TAIL=1 LSQUANT_LN_TAIL_MAX_M=512 -- --models base --batches 32 128 --impls lsquant_int8
+# the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
+# the default's 1 at batch 128 in base_new
+bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8
+bench big_lnplain LSQUANT_PDL_LN=0 -- --models big --batches 1 8 --impls lsquant_int8
 python3 scripts/round_table.py "$W" --base base_new > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = exact ]; then
 # (~5 min; carry .whl) the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant

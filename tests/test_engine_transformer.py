@@ -264,6 +264,34 @@ def test_fused_attention_kernel_decodes_as_the_model(triton_interpreter, trained
     assert torch.equal(qeng.infer(src, "greedy")[0], qat.generate(src, "greedy")[0])
 
 
+def test_int8_engine_with_the_layer_norm_after_the_residual_gemm(trained, test_src, tmp_path, monkeypatch):
+    """LSQUANT_LN_TAIL=1: each residual GEMM of the decoder step (attn_out, cross_out, fc2) hands the next
+    sublayer its LayerNorm quantized (Int8Linear.call_ln_next; the last fc2 the projection's input). On the CPU
+    that is the GEMM then LayerNorm-quantize, so the tokens and scores are the engine's without it, and greedy
+    is the QAT model's; every residual linear of every step went through call_ln_next."""
+    from lsquant.inference import gemm as G
+
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(4, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    path = export_transformer(qat, tmp_path / "q.h5", "int8", float_dtype="float32")
+    src = test_src[:6]
+    plain = QuantTransformer(path, max_batch_size=6)
+    want = [plain.infer(src, "greedy"), plain.infer(src, "beam")]
+    calls = []
+    orig = G.Int8Linear.call_ln_next
+    monkeypatch.setattr(G.Int8Linear, "call_ln_next", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
+    assert G.ln_tail()
+    eng = QuantTransformer(path, max_batch_size=6)
+    got = [eng.infer(src, "greedy"), eng.infer(src, "beam")]
+    for (a, sa), (b, sb) in zip(got, want):
+        assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert torch.equal(got[0][0], qat.generate(src, "greedy")[0])
+    n_layers = len(eng.dec)
+    assert len(calls) >= 3 * n_layers * 2   # 3 residual GEMMs a layer, at least a step each request
+
+
 def test_requests_of_every_shape_back_to_back(trained, test_src, tmp_path):
     """One engine serves requests of different batch sizes, source lengths, methods and beams in turn, each
     exactly as the model decodes it alone; repeating a request of a seen shape allocates nothing new."""
@@ -503,6 +531,34 @@ def test_cuda_int8_engine_with_the_layer_norm_in_the_gemm(trained, test_src, tmp
         b, sb = eager.infer(src[:16], method)
         assert torch.equal(a, b) and torch.equal(sa, sb), method
     assert not any("ln_tiled" in lin._failed for _, lin in graphed.linears())
+    fused = graphed.infer(src[:16], "beam")[0]
+    same = sum(torch.equal(x, y) for x, y in zip(fused[:, 0], two[:, 0]))
+    assert same >= 15, same
+
+
+@pytest.mark.cuda
+def test_cuda_int8_engine_with_the_layer_norm_after_the_residual_gemm(trained, test_src, tmp_path, monkeypatch):
+    """LSQUANT_LN_TAIL=1: the decoder step's residual GEMMs normalize and quantize the next sublayer's input in
+    their last programs. Graphs replay the eager tokens exactly (with PDL on, the default); the tokens are the
+    two-kernel engine's but where an int8 input lands on the neighbouring level (near ties)."""
+    from lsquant.inference import gemm as G
+
+    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
+    lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
+                      progress=False)
+    model.apply(lsquant.enable_quant)
+    path = export_transformer(model, tmp_path / "q.h5", "int8")
+    src = test_src.cuda()
+    two = QuantTransformer(path, max_batch_size=16, device="cuda").infer(src[:16], "beam")[0]
+    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
+    assert G.ln_tail()
+    graphed = QuantTransformer(path, max_batch_size=16, device="cuda")
+    eager = QuantTransformer(path, max_batch_size=16, device="cuda", cuda_graph=False)
+    for method in ("beam", "greedy", "beam"):
+        a, sa = graphed.infer(src[:16], method)
+        b, sb = eager.infer(src[:16], method)
+        assert torch.equal(a, b) and torch.equal(sa, sb), method
+    assert not any("ln_tail" in lin._failed for _, lin in graphed.linears())
     fused = graphed.infer(src[:16], "beam")[0]
     same = sum(torch.equal(x, y) for x, y in zip(fused[:, 0], two[:, 0]))
     assert same >= 15, same

@@ -1336,7 +1336,7 @@ def test_cuda_failing_triton_default_falls_back(monkeypatch):
 
 def test_triton_pointer_kernels_compile_for_sm90():
     """The tiled and split-K kernels (pointer loads; the TMA kernel needs a GPU's descriptors) lower for an H100
-    with float and int8 epilogues and a residual: PTX and ptxas, no GPU needed."""
+    with float and int8 epilogues, a residual, and the LayerNorm tail (ln_next): PTX and ptxas, no GPU needed."""
     compile_in_fresh_process("""
 import triton
 from triton.backends.compiler import GPUTarget
@@ -1344,14 +1344,14 @@ from triton.compiler import ASTSource
 from lsquant.inference import gemm_triton
 k = gemm_triton._build(False)
 ptrs = dict(x_ptr="*i8", w_ptr="*i8", alpha_ptr="*fp32", bias_ptr="*fp32", inv_ptr="*fp32", ws_ptr="*i32",
-            cnt_ptr="*i32")
-for out, kind, act, res in (("*bf16", 2, 1, True), ("*i8", 1, 2, False)):
+            cnt_ptr="*i32", ln_qinv_ptr="*fp32", ln_q_ptr="*i8", ln_cnt_ptr="*i32", ln_eps="fp32")
+for out, kind, act, res, tail in (("*bf16", 2, 1, True, False), ("*bf16", 2, 0, True, True), ("*i8", 1, 2, False, False)):
     for name, const in (("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False)),
                         ("splitk", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True))):
         fn = k[name]
-        const = dict(const, HAS_BIAS=True, ACT=act, OUT_KIND=kind, HAS_RES=res)
-        sig = {a: "constexpr" if a in const else ptrs.get(a, out if a in ("out_ptr", "res_ptr") else "i32")
-               for a in fn.arg_names}
+        const = dict(const, HAS_BIAS=True, ACT=act, OUT_KIND=kind, HAS_RES=res, LN_TAIL=tail, LN_BLOCK=256)
+        sig = {a: "constexpr" if a in const else ptrs.get(a, out if a in ("out_ptr", "res_ptr", "ln_g_ptr",
+               "ln_b_ptr") else "i32") for a in fn.arg_names}
         c = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=4, num_stages=2, enable_fp_fusion=False))
         assert c.asm["cubin"], (name, out)

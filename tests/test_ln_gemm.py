@@ -11,6 +11,7 @@ import torch
 
 from lsquant import ops
 from lsquant.inference import gemm as G
+from lsquant.quant.ref import scale_and_inv
 
 from conftest import compile_in_fresh_process
 
@@ -199,3 +200,129 @@ def test_over_the_fused_range_on_cuda_is_the_two_kernels(monkeypatch):
     want_q = ops.layer_norm_quant(x, ln_w, ln_b, EPS, layer.x_clip_t, float_out=False)[1]
     assert torch.equal(q, want_q)
     assert torch.equal(y, layer(want_q, residual=res))
+
+
+# ---- the LayerNorm after the residual GEMM (Int8Linear.call_ln_next: the tail of the tiled / split-K kernels) ----
+
+TAIL_CONFIGS = {   # two row blocks and several column tiles at the interpreter's sizes; split-K over 3 slices
+    "tiled": dict(INTERP_CONFIG, GROUP_M=1),
+    "splitk": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
+               "SPLIT_K": 3},
+}
+
+
+def _tail_case(M, N, K, dtype, device="cpu", seed=0):
+    """A residual linear (K -> N, float output with a residual: the engine's attn_out / fc2) and the next
+    sublayer's LayerNorm (N,) and input clip; the residual carries a large mean so LayerNorm's statistics matter."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (N, K), generator=g).to(torch.int8)
+    layer = G.Int8Linear(w.to(device), w_clip=((torch.rand(N, generator=g) + 0.5) * 0.02).to(device), x_clip=2.0,
+                         bias=torch.randn(N, generator=g).to(device), out_dtype=dtype)
+    x = torch.randint(-127, 128, (M, K), generator=g).to(torch.int8).to(device)
+    res = (torch.randn(M, N, generator=g) * 3 + 0.5).to(device, dtype)
+    ln_w = (1 + 0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    ln_b = (0.1 * torch.randn(N, generator=g)).to(device, dtype)
+    clip = torch.tensor([1.5], device=device)   # LayerNorm(y) ~ N(0, 1): ~13% of the values clamped
+    return layer, x, res, ln_w, ln_b, clip
+
+
+@pytest.mark.parametrize("kind", ["tiled", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 40, 72), (17, 70, 40), (33, 64, 100)])
+def test_tail_kernel_in_the_interpreter(triton_interpreter, kind, dtype, M, N, K):
+    """y is the plain kernel's bit for bit; q is LayerNorm-quantize of y but where a value sits within an ulp of a
+    rounding boundary (a statistic summed in another order); every row block's counter is back at zero."""
+    layer, x, res, ln_w, ln_b, clip = _tail_case(M, N, K, dtype, seed=M)
+    cfg = TAIL_CONFIGS[kind]
+    inv = scale_and_inv(clip)[1]
+    plain = triton_interpreter.int8_linear_triton(x, layer.weight, layer.alpha, layer.bias32, 0, dtype, None, cfg, res)
+    q = torch.full((M, N), 99, dtype=torch.int8)
+    y = triton_interpreter.int8_linear_triton(x, layer.weight, layer.alpha, layer.bias32, 0, dtype, None, cfg, res,
+                                              ln_next=(ln_w, ln_b, EPS, inv, q))
+    assert torch.equal(y, plain)
+    _check_y(y, layer(x, residual=res), res)
+    _check_q(q, ops.layer_norm_quant(y, ln_w, ln_b, EPS, clip, float_out=False)[1], 0.01)
+    assert int((q.abs() == 127).sum()) > 0 and int((q.abs() < 127).sum()) > 0
+    cnt = triton_interpreter._splitk_ws.get(torch.device("cpu"), 1, 1)[1]
+    assert int(cnt.abs().sum()) == 0
+
+
+def test_tail_kernel_refuses_what_it_cannot_do(triton_interpreter):
+    layer, x, res, ln_w, ln_b, clip = _tail_case(3, 40, 72, torch.float32)
+    q = torch.empty(3, 40, dtype=torch.int8)
+    inv = scale_and_inv(clip)[1]
+    with pytest.raises(ValueError, match="float output"):
+        triton_interpreter.int8_linear_triton(x, layer.weight, layer.alpha, None, 0, torch.int8, inv,
+                                              INTERP_CONFIG, None, ln_next=(ln_w, ln_b, EPS, inv, q))
+    with pytest.raises(ValueError, match=r"int8 \(3, 40\)"):
+        triton_interpreter.int8_linear_triton(x, layer.weight, layer.alpha, None, 0, torch.float32, None,
+                                              INTERP_CONFIG, None, ln_next=(ln_w, ln_b, EPS, inv, q[:2]))
+
+
+def test_call_ln_next_on_the_cpu_is_the_layer_then_layer_norm_quant(monkeypatch):
+    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
+    layer, x, res, ln_w, ln_b, clip = _tail_case(5, 24, 48, torch.float32)
+    y, q = layer.call_ln_next(x.view(5, 1, 48), ln_w, ln_b, EPS, clip, residual=res.view(5, 1, 24))
+    want = layer(x, residual=res)
+    assert torch.equal(y, want.view(5, 1, 24))
+    assert torch.equal(q, ops.layer_norm_quant(want, ln_w, ln_b, EPS, clip, float_out=False)[1].view(5, 1, 24))
+    int8_out = G.Int8Linear(layer.weight, w_clip=layer.w_clip, x_clip=2.0, out_dtype=torch.int8, out_clip=4.0)
+    with pytest.raises(ValueError, match="float output"):
+        int8_out.call_ln_next(x, ln_w, ln_b, EPS, clip)
+
+
+def test_ln_tail_follows_the_environment(monkeypatch):
+    monkeypatch.delenv("LSQUANT_LN_TAIL", raising=False)
+    assert not G.ln_tail()                                    # opt-in
+    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
+    assert G.ln_tail()   # the engine takes the path; call_ln_next runs one kernel where Triton runs on CUDA
+
+
+def test_tail_config_is_a_tiled_or_split_k_config():
+    from lsquant.inference import gemm_triton as GT
+
+    layer = G.Int8Linear(torch.zeros(512, 2048, dtype=torch.int8), w_clip=torch.ones(512), x_clip=1.0,
+                         out_dtype=torch.float16)
+    assert layer.tail_config(8) == G.DEFAULT_TRITON_CONFIG
+    sk = GT.splitk_config_dict((16, 32, 256, 4, 3), 4)
+    layer.choices[8] = {"backend": "triton", "config": sk}
+    assert layer.tail_config(8) == sk
+    layer.choices[8] = {"backend": "cublaslt", "algo": None}
+    assert layer.tail_config(8) == G.DEFAULT_TRITON_CONFIG
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["default", "splitk"])
+@pytest.mark.parametrize("M,N,K", [(1, 512, 512), (7, 1000, 2048), (33, 1024, 4096), (64, 72, 1000)])
+def test_tail_on_cuda(dtype, kind, M, N, K, monkeypatch):
+    """Odd shapes up to the tail's row bound, the default tiled config and a split-K one; twice in a row (the
+    counters reset themselves) and replayed in a CUDA graph; y bit for bit the plain GEMM's, q LayerNorm-quantize
+    of y within the fused contract."""
+    from lsquant.inference import gemm_triton as GT
+    from lsquant.inference.gemm_tuner import m_bucket
+
+    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
+    assert G.ln_tail()
+    layer, x, res, ln_w, ln_b, clip = _tail_case(M, N, K, dtype, device="cuda", seed=M)
+    if kind == "splitk":
+        layer.choices[m_bucket(M)] = {"backend": "triton", "config": GT.splitk_config_dict((16, 32, 256, 4, 3), 4)}
+    inv = scale_and_inv(clip)[1]
+    for _ in range(2):
+        y, q = layer.call_ln_next(x, ln_w, ln_b, EPS, clip, inv, residual=res)
+        assert "ln_tail" not in layer._failed
+        assert torch.equal(y, layer(x, residual=res))
+        _check_q(q, ops.layer_norm_quant(y, ln_w, ln_b, EPS, clip, float_out=False)[1], 2e-3)
+    want_y, want_q = y.clone(), q.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer.call_ln_next(x, ln_w, ln_b, EPS, clip, inv, residual=res)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gy, gq = layer.call_ln_next(x, ln_w, ln_b, EPS, clip, inv, residual=res)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(gy, want_y) and torch.equal(gq, want_q)

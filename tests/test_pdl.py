@@ -44,14 +44,21 @@ g = gemm_triton._build(False)
 epi = dict(HAS_BIAS=True, ACT=1, OUT_KIND=2, HAS_RES=True)
 gemm_ptrs = dict(x_ptr="*i8", w_ptr="*i8", out_ptr="*fp16", alpha_ptr="*fp32", bias_ptr="*fp32", inv_ptr="*fp32",
                  res_ptr="*fp16", ws_ptr="*i32", cnt_ptr="*i32", g_ptr="*fp16", beta_ptr="*fp16", xinv_ptr="*fp32",
-                 q_ptr="*i8")
+                 q_ptr="*i8", ln_g_ptr="*fp16", ln_b_ptr="*fp16", ln_qinv_ptr="*fp32", ln_q_ptr="*i8",
+                 ln_cnt_ptr="*i32")
 th, cand, fin, rank = rough_topk._build(False)
 topk_ptrs = dict(x_ptr="*fp16", t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", pcm_ptr="*fp32", psum_ptr="*fp32",
                  key_ptr="*fp32", tok_ptr="*i32", cnt_ptr="*i32", scores_ptr="*fp32", val_ptr="*fp32",
                  count_ptr="*i32", top_s_ptr="*fp32", top_i_ptr="*i64")
 KERNELS = [
-    ("tiled", g["tiled"], gemm_ptrs, (), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=True)),
-    ("splitk", g["splitk"], gemm_ptrs, (), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4, EVEN_K=True)),
+    ("tiled", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256)),
+    ("splitk", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256)),
+    ("tiled_ln", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
+     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256)),
+    ("splitk_ln", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
+     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256)),
     ("ln_tiled", g["ln_tiled"], dict(gemm_ptrs, x_ptr="*fp16"), ("eps",),
      dict(epi, OUT_KIND=1, HAS_RES=False, WRITE_Q=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, LN_BLOCK=256)),
     ("cross_beams", attention._build(False)[1], dict(q_ptr="*fp16", kv_ptr="*fp16", mask_ptr="*u8", out_ptr="*i8",
@@ -103,7 +110,7 @@ from triton.compiler import ASTSource
 for name, fn, ptrs, floats, const in KERNELS:
     for use in (False, True):
         c = dict(const, USE_PDL=use)
-        if name in ("tiled", "splitk", "ln_tiled"):
+        if name in ("tiled", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
             c["PREFETCH"] = use
         sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
         k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
@@ -118,7 +125,7 @@ for name, fn, ptrs, floats, const in KERNELS:
         early = memory_ops_before(ptx, "griddepcontrol.wait")
         assert not early, (name, early)
         pre = ptx.find("cp.async.bulk.prefetch.L2.global")
-        if name in ("tiled", "splitk", "ln_tiled"):
+        if name in ("tiled", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
             assert 0 < pre < wait, name       # the weight rows are asked for before the wait
         else:
             assert pre < 0, name

@@ -205,6 +205,18 @@ def ln_fused() -> bool:
     return gemm_triton.available()
 
 
+# the residual GEMM with the next sublayer's LayerNorm + quantize in its last programs (Int8Linear.call_ln_next):
+# decoding's row counts, as the prologue fusion; LSQUANT_LN_TAIL_MAX_M sets another bound (read at import)
+LN_TAIL_MAX_M = int(os.environ.get("LSQUANT_LN_TAIL_MAX_M", "64"))
+
+
+def ln_tail() -> bool:
+    """Whether the int8 engine's decoder step hands each sublayer's LayerNorm to the residual GEMM before it
+    (Int8Linear.call_ln_next: one kernel on CUDA with Triton, the two kernels elsewhere): LSQUANT_LN_TAIL=1.
+    Opt-in until measured on a GPU (bench/NOTES_engine.md)."""
+    return os.environ.get("LSQUANT_LN_TAIL", "0") == "1"
+
+
 def default_choice(M: int | None = None) -> dict:
     """The kernel used without a tuning-cache entry for M rows (tokens).
 
@@ -459,6 +471,63 @@ class Int8Linear:
         if q_out is not None:
             q_out.copy_(q)
         return self(q, residual=residual)
+
+    def call_ln_next(self, x_q: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                     next_clip: torch.Tensor, next_inv: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, q)``: y = ``layer(x_q, residual)`` (a float output: the residual stream of a pre-LN model) and
+        q = ``quantize(LayerNorm(y), next_clip)`` int8, the next sublayer's first linear's input, the values of
+        ``ops.layer_norm_quant`` (ln_weight / ln_bias (N,) of y's dtype; next_inv: next_clip's 1/scale, fp32 (1,)).
+
+        On CUDA with at most :data:`LN_TAIL_MAX_M` rows, where :func:`ln_tail` (LSQUANT_LN_TAIL=1): one Triton
+        kernel, the tiled or split-K GEMM whose last program of each row block normalizes and quantizes the
+        block's finished rows (no LayerNorm launch between two GEMMs). Its statistics are summed in another order
+        than the LayerNorm kernel's, so a q within an ulp of a rounding boundary may sit one level away (the
+        contract of :meth:`ln_call`'s fusion, measured in the tests); y is the plain kernel's, bit for bit.
+        Otherwise, and if the kernel fails (one warning), the GEMM, then the LayerNorm-quantize kernel."""
+        if self.out_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"call_ln_next needs a float output, this layer's is {self.out_dtype}")
+        lead = x_q.shape[:-1]
+        M = x_q.reshape(-1, self.K).shape[0] if x_q.shape[-1] == self.K else 0
+        from . import gemm_triton
+
+        if x_q.is_cuda and x_q.dtype == torch.int8 and 0 < M <= LN_TAIL_MAX_M and ln_tail() \
+                and "ln_tail" not in self._failed and gemm_triton.available():
+            from .gemm_triton import int8_linear_triton
+
+            _check_residual(residual, self.out_dtype, (*lead, self.N), x_q.device)
+            if next_inv is None:
+                next_inv = scale_and_inv(torch.as_tensor(next_clip, dtype=torch.float32,
+                                                         device=x_q.device).reshape(1))[1]
+            q = torch.empty(M, self.N, dtype=torch.int8, device=x_q.device)
+            try:
+                y = int8_linear_triton(
+                    x_q.reshape(M, self.K), self.weight, self.alpha, self.bias32, ACTIVATIONS[self.activation],
+                    self.out_dtype, self.out_inv_t, self.tail_config(M),
+                    residual.reshape(M, self.N) if residual is not None else None,
+                    ln_next=(ln_weight, ln_bias, eps, next_inv, q))
+                return y.reshape(*lead, self.N), q.reshape(*lead, self.N)
+            except Exception as e:   # as _dispatch: a kernel that cannot run here must not take the engine down
+                warnings.warn(f"lsquant int8 GEMM + LayerNorm for M={M}, N={self.N}, K={self.K} failed "
+                              f"({type(e).__name__}: {e}); using the GEMM, then LayerNorm", RuntimeWarning,
+                              stacklevel=2)
+                self._failed.add("ln_tail")
+        from lsquant import ops
+
+        from . import pdl
+
+        y = self(x_q, residual=residual)
+        q = ops.layer_norm_quant(y, ln_weight, ln_bias, eps, next_clip, float_out=False,
+                                 pdl=pdl.layernorm(y.device))[1]
+        return y, q
+
+    def tail_config(self, M: int) -> dict:
+        """call_ln_next's kernel config for M rows: the tuned choice of M's bucket where that is a Triton tiled
+        or split-K config (the tail adds no registers to the loop), else :data:`DEFAULT_TRITON_CONFIG`."""
+        c = self.choice_for(M)
+        if c.get("backend") == "triton" and c["config"].get("KERNEL", "tiled") in ("tiled", "splitk"):
+            return c["config"]
+        return DEFAULT_TRITON_CONFIG
 
     def ln_config(self, M: int) -> dict:
         """The fused LayerNorm + GEMM kernel's tiles for M rows: the tuned choice of M's bucket where that is

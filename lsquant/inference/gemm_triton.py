@@ -270,6 +270,7 @@ def _build(interpret: bool) -> dict:
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
     global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile, _pdl_enter, _pdl_wait
+    global _ln_stats, _ln_tail
     import triton
     import triton.language as tl
 
@@ -356,6 +357,65 @@ def _build(interpret: bool) -> dict:
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
 
     @triton.jit
+    def _ln_stats(x_rows, K, LN_BLOCK: tl.constexpr, L2_ONLY: tl.constexpr):
+        # mean and variance of rows of K floats (x_rows: a (BLOCK_M, 1) tensor of row pointers), two passes over K in
+        # LN_BLOCK chunks (as layernorm.cu: the sum, then the squared deviations from the mean), IEEE divisions
+        # and square root as layernorm.cu's (Triton's own fp32 `/` is div.full.f32, up to 2 ulp off). L2_ONLY:
+        # loads that skip L1 (rows other programs of the same grid have just written)
+        offs_l = tl.arange(0, LN_BLOCK)
+        s1 = tl.zeros((x_rows.shape[0],), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, LN_BLOCK)):
+            kk = k * LN_BLOCK + offs_l
+            if L2_ONLY:
+                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0, cache_modifier=".cg")
+            else:
+                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            s1 += tl.sum(v.to(tl.float32), axis=1)
+        mean = tl.math.div_rn(s1, K.to(tl.float32))
+        s2 = tl.zeros((x_rows.shape[0],), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, LN_BLOCK)):
+            kk = k * LN_BLOCK + offs_l
+            if L2_ONLY:
+                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0, cache_modifier=".cg")
+            else:
+                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            d = tl.where(kk[None, :] < K, v.to(tl.float32) - mean[:, None], 0.0)
+            s2 += tl.sum(d * d, axis=1)
+        return mean, tl.math.div_rn(s2, K.to(tl.float32))
+
+    @triton.jit
+    def _ln_tail(pid_m, N, y_ptr, stride_ym, cnt_ptr, g_ptr, beta_ptr, eps, qinv_ptr, q_ptr, stride_qm, M,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LN_BLOCK: tl.constexpr):
+        # After a program has stored its output tile of rows pid_m: the LayerNorm of the next sublayer and the
+        # quantize of the next linear's input, q = quantize(LayerNorm(y), 1 / qinv), for the rows of this row
+        # block, computed by the last of the row block's cdiv(N, BLOCK_N) programs to finish (an arrival counter
+        # per row block, as the split-K kernel's per tile, left at zero for the next launch). The arithmetic is
+        # the LayerNorm prologue's (int8_ln_linear_kernel): one copy, the same contract against
+        # ops.layer_norm_quant (statistics summed in another order: an int8 value may sit one level away)
+        tl.debug_barrier()   # every thread's stores of the tile happen before the counter's release
+        arrived = tl.atomic_add(cnt_ptr + pid_m, 1, sem="acq_rel")
+        if arrived == tl.cdiv(N, BLOCK_N) - 1:
+            tl.atomic_xchg(cnt_ptr + pid_m, 0, sem="relaxed")
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows = tl.where(offs_m < M, offs_m, 0)
+            y_rows = y_ptr + rows[:, None].to(tl.int64) * stride_ym
+            mean, var = _ln_stats(y_rows, N, LN_BLOCK, True)
+            rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+            qinv = tl.load(qinv_ptr)
+            offs_l = tl.arange(0, LN_BLOCK)
+            for k in range(0, tl.cdiv(N, LN_BLOCK)):
+                kk = k * LN_BLOCK + offs_l
+                km = kk < N
+                yv = tl.load(y_rows + kk[None, :], mask=km[None, :], other=0.0, cache_modifier=".cg")
+                g = tl.load(g_ptr + kk, mask=km, other=0.0).to(tl.float32)
+                bb = tl.load(beta_ptr + kk, mask=km, other=0.0).to(tl.float32)
+                h = tl.fma((yv.to(tl.float32) - mean[:, None]) * rstd[:, None], g[None, :], bb[None, :])
+                h = h.to(yv.dtype).to(tl.float32)
+                qm = (offs_m[:, None] < M) & km[None, :]
+                tl.store(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + kk[None, :], _quant(h, qinv).to(tl.int8),
+                         mask=qm)
+
+    @triton.jit
     def _tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # the tile's rows and columns, and the same with those out of range replaced by 0: out-of-range
         # rows/columns load row 0 (valid memory) and are masked at the store
@@ -365,10 +425,13 @@ def _build(interpret: bool) -> dict:
 
     @triton.jit
     def int8_linear_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, M, N, K, stride_xm,
-                           stride_wn, stride_om, stride_rm, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                           stride_wn, stride_om, stride_rm, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
+                           stride_qm, ln_cnt_ptr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                            OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                           EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                           EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                           LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16):
+        # LN_TAIL (float output): then the next sublayer's LayerNorm + quantize of the finished rows (_ln_tail)
         pid = tl.program_id(0)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
@@ -392,6 +455,9 @@ def _build(interpret: bool) -> dict:
 
         _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
                     HAS_BIAS, ACT, OUT_KIND, HAS_RES)
+        if LN_TAIL:
+            _ln_tail(pid_m, N, out_ptr, stride_om, ln_cnt_ptr, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
+                     stride_qm, M, BLOCK_M, BLOCK_N, LN_BLOCK)
 
     @triton.jit
     def _store_part(acc, off_m, off_n, M, N, out_desc, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
@@ -456,11 +522,13 @@ def _build(interpret: bool) -> dict:
 
     @triton.jit
     def int8_linear_splitk_kernel(x_ptr, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr, res_ptr, ws_ptr, cnt_ptr, M,
-                                  N, K, stride_xm, stride_wn, stride_om, stride_rm, k_per_split,
+                                  N, K, stride_xm, stride_wn, stride_om, stride_rm, k_per_split, ln_g_ptr, ln_b_ptr,
+                                  ln_eps, ln_qinv_ptr, ln_q_ptr, stride_qm, ln_cnt_ptr,
                                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr,
                                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
-                                  USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                                  USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                                  LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16):
         # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -499,6 +567,9 @@ def _build(interpret: bool) -> dict:
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
             _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
                         stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
+            if LN_TAIL:   # the tile is complete: it counts as one arrival of its row block
+                _ln_tail(pid_m, N, out_ptr, stride_om, ln_cnt_ptr, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
+                         stride_qm, M, BLOCK_M, BLOCK_N, LN_BLOCK)
 
     @triton.jit
     def int8_ln_linear_kernel(x_ptr, g_ptr, beta_ptr, xinv_ptr, eps, w_ptr, out_ptr, alpha_ptr, bias_ptr, inv_ptr,
@@ -520,20 +591,8 @@ def _build(interpret: bool) -> dict:
             _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn, K, PREFETCH)
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-        offs_l = tl.arange(0, LN_BLOCK)
-        s1 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, LN_BLOCK)):
-            kk = k * LN_BLOCK + offs_l
-            s1 += tl.sum(tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32), axis=1)
-        # IEEE divisions as layernorm.cu's (Triton's own fp32 `/` is div.full.f32, up to 2 ulp off)
-        mean = tl.math.div_rn(s1, K.to(tl.float32))
-        s2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, LN_BLOCK)):
-            kk = k * LN_BLOCK + offs_l
-            d = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0).to(tl.float32) - mean[:, None]
-            d = tl.where(kk[None, :] < K, d, 0.0)
-            s2 += tl.sum(d * d, axis=1)
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(s2, K.to(tl.float32)) + eps))
+        mean, var = _ln_stats(x_rows, K, LN_BLOCK, False)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
         xinv = tl.load(xinv_ptr)
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -731,12 +790,15 @@ def _pdl_args(x2: torch.Tensor, w: torch.Tensor) -> dict:
 
 def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None, bias32: torch.Tensor | None,
                        act: int, out_dtype: torch.dtype, out_inv: torch.Tensor | None, config: dict,
-                       residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None, ln_next: tuple | None = None) -> torch.Tensor:
     """x2: int8 (M, K), w: int8 (N, K) -> (M, N) of out_dtype. alpha: fp32 (N,) (None for int32 output);
     bias32: fp32 (N,) or None; act: 0/1/2 (none/relu/gelu); out_inv: fp32 (1,) 1/scale of the int8 output.
     config: a dict of :func:`config_dict`, :func:`tma_config_dict` or :func:`splitk_config_dict`.
     residual: (M, N) of out_dtype (float outputs only) added in the epilogue, rounded as PyTorch's
-    ``residual + y`` (see :mod:`lsquant.inference.gemm`); read, never written."""
+    ``residual + y`` (see :mod:`lsquant.inference.gemm`); read, never written.
+    ln_next (float output, tiled or split-K config): (ln_w, ln_b, eps, q_inv, q) with q int8 (M, N) (unit column
+    stride): the kernel also writes q = quantize(LayerNorm(out), 1 / q_inv), the next sublayer's int8 input, in
+    the last program of each row block (the counters come zeroed from the split-K workspace)."""
     import triton
 
     x2, w, out, (alpha_, bias_, inv_, res_, stride_r), epi = _operands(x2, w, alpha, bias32, act, out_dtype, out_inv,
@@ -747,6 +809,20 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     kernel_kind = c.get("KERNEL", "tiled")
     kernels = _kernels()
+    split = c.get("SPLIT_K", 1) if kernel_kind == "splitk" else 1
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    d = _dummy(x2.device)
+    ln_args, ln_kw, row_cnt = (d, d, 0.0, d, d, 0), {}, 0
+    if ln_next is not None:
+        if kernel_kind == "tma" or epi["OUT_KIND"] != 2:
+            raise ValueError("ln_next needs a float output and a tiled or split-K config")
+        g, b, eps, q_inv, q = ln_next
+        if q.shape != (M, N) or q.dtype != torch.int8 or q.stride(-1) != 1:
+            raise ValueError(f"ln_next's q must be int8 ({M}, {N}) with unit column stride, got {q.dtype} "
+                             f"{tuple(q.shape)}")
+        ln_args = (g, b, float(eps), q_inv, q, q.stride(0))
+        ln_kw = dict(LN_TAIL=True, LN_BLOCK=ln_block(N))
+        row_cnt = triton.cdiv(M, bm)
 
     if kernel_kind == "tma" and K % 16 == 0 and M > 0:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -773,24 +849,24 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
             num_stages=c["num_stages"], enable_fp_fusion=False)
         return out
 
-    if kernel_kind == "splitk" and c.get("SPLIT_K", 1) > 1:
-        split = c["SPLIT_K"]
+    if split > 1:
         k_per_split = triton.cdiv(triton.cdiv(K, bk), split) * bk
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        ws, cnt = _splitk_ws.get(x2.device, tiles * bm * bn, tiles)
+        # the tiles' counters, then the row blocks' (ln_next)
+        ws, cnt = _splitk_ws.get(x2.device, tiles * bm * bn, tiles + row_cnt)
         kernels["splitk"][(tiles, split)](
             x2, w, out, alpha_, bias_, inv_, res_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
-            stride_r, k_per_split, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-            EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"], num_stages=c["num_stages"],
-            enable_fp_fusion=False, **_pdl_args(x2, w))
+            stride_r, k_per_split, *ln_args, cnt[tiles:] if row_cnt else d, **epi, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk, SPLIT_K=split, EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"],
+            num_stages=c["num_stages"], enable_fp_fusion=False, **ln_kw, **_pdl_args(x2, w))
         return out
 
     # the tiled kernel (also where a TMA config meets K % 16 != 0: same tiles, pointer loads)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    kernels["tiled"][grid](
-        x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r, **epi,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8), EVEN_K=(K % bk == 0),
-        num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False, **_pdl_args(x2, w))
+    row_cnt_t = _splitk_ws.get(x2.device, 0, row_cnt)[1] if row_cnt else d
+    kernels["tiled"][(tiles,)](
+        x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r,
+        *ln_args, row_cnt_t, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8),
+        EVEN_K=(K % bk == 0), num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
+        **ln_kw, **_pdl_args(x2, w))
     return out
 
 

@@ -35,18 +35,24 @@ from lsquant.quant.ref import scale_and_inv
 
 from . import attention, decoding, pdl
 from .embed_step import embed_step
-from .gemm import Int8Linear, side_stream
+from .gemm import Int8Linear, ln_tail, side_stream
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
 _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
 
 
 class _Normed:
-    """LayerNorm(x) not computed yet: what an int8 pre-LN sublayer hands its first linear, which normalizes and
-    quantizes x itself (Int8Linear.ln_call: in its GEMM kernel where that fusion is on, else two kernels)."""
+    """LayerNorm(x) for an int8 pre-LN sublayer's first linear: not computed yet (q None), which that linear
+    then normalizes and quantizes itself (Int8Linear.ln_call: in its GEMM kernel where that fusion is on, else
+    two kernels); or q, the int8 input already computed by the residual GEMM that produced x
+    (Int8Linear.call_ln_next, the decoder step with LSQUANT_LN_TAIL=1)."""
 
-    def __init__(self, x: torch.Tensor, wb: tuple, eps: float = 1e-5):
-        self.x, self.weight, self.bias, self.eps = x, wb[0], wb[1], eps
+    def __init__(self, x: torch.Tensor, wb: tuple, eps: float = 1e-5, q: torch.Tensor | None = None):
+        self.x, self.weight, self.bias, self.eps, self.q = x, wb[0], wb[1], eps, q
+
+    def view(self, *shape) -> "_Normed":
+        return _Normed(self.x.view(*shape), (self.weight, self.bias), self.eps,
+                       None if self.q is None else self.q.view(*shape))
 
 
 class _Linear:
@@ -68,16 +74,26 @@ class _Linear:
             self.w = torch.as_tensor(t[f"{base}/weight"]).to(device=device, dtype=dtype)
             self.b = bias.to(dtype)
 
-    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None, then: tuple | None = None):
         """x: float (..., K), or int8 when the previous kernel quantized it for this linear; residual: added to
-        the output (int8 engine: in the GEMM's epilogue, the same values as adding after)."""
+        the output (int8 engine: in the GEMM's epilogue, the same values as adding after). then (int8, with a
+        residual): ((ln weight, ln bias), clip, 1/scale) of the next sublayer's LayerNorm and first linear's
+        input: returns _Normed(y, with q computed here: Int8Linear.call_ln_next) instead of y."""
         normed = isinstance(x, _Normed)
         if residual is not None:
             residual = residual.reshape(*(x.x if normed else x).shape[:-1], residual.shape[-1])
-        if normed:   # int8, pre-LN: LayerNorm + quantize, then this GEMM (Int8Linear.ln_call)
+        if normed:
+            if x.q is not None:   # the residual GEMM before this sublayer quantized LayerNorm(x) already
+                return self.lin(x.q, residual=residual)
+            # int8, pre-LN: LayerNorm + quantize, then this GEMM (Int8Linear.ln_call)
             return self.lin.ln_call(x.x, x.weight, x.bias, x.eps, residual=residual)
         if self.int8:
-            return self.lin(x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip), residual=residual)
+            xq = x if x.dtype == torch.int8 else ops.quantize(x, self.in_clip)
+            if then is not None and residual is not None:
+                (w, b), clip, inv = then
+                y, q = self.lin.call_ln_next(xq, w, b, 1e-5, clip, inv, residual=residual)
+                return _Normed(y, (w, b), 1e-5, q)
+            return self.lin(xq, residual=residual)
         if residual is not None:
             return residual + self(x)
         if self.activation == "relu" and x.is_cuda:
@@ -273,27 +289,28 @@ class _Engine:
         B, nH, L, D = ctx.shape
         return ctx.transpose(1, 2).reshape(B, L, nH * D)
 
-    def _sublayer(self, x, L, ln, fn):
-        """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual) = residual + f(h) (the add in
-        the last linear's epilogue). int8, pre-LN: h is LN(x) unevaluated, which f's first linear (qkv, cross_q,
-        fc1) normalizes and quantizes itself (Int8Linear.ln_call: inside its GEMM kernel at decoding's row
-        counts on CUDA with LSQUANT_LN_GEMM=1, else one LayerNorm-quantize kernel, then the GEMM)."""
+    def _sublayer(self, x, L, ln, fn, then=None):
+        """x + f(LN(x)) (pre-LN) or LN(x + f(x)) (post-LN), where fn(h, residual, then) = residual + f(h) (the
+        add in the last linear's epilogue). int8, pre-LN: h is LN(x) unevaluated, which f's first linear (qkv,
+        cross_q, fc1) normalizes and quantizes itself (Int8Linear.ln_call: inside its GEMM kernel at decoding's
+        row counts on CUDA with LSQUANT_LN_GEMM=1, else one LayerNorm-quantize kernel, then the GEMM), or, where
+        x is a _Normed already (the previous sublayer's last linear was given ``then``: the next LayerNorm and
+        its consumer, see _step), LN(x) quantized already."""
         if not self.cfg.pre_layer_norm:
-            return self._ln(fn(x, x), L[ln])
+            return self._ln(fn(x, x, None), L[ln])
         if self.int8:
-            h = _Normed(x, L[ln])
-        else:
-            h = self._ln(x, L[ln])
-        return fn(h, x)
+            h = x if isinstance(x, _Normed) else _Normed(x, L[ln])
+            return fn(h, h.x, then)
+        return fn(self._ln(x, L[ln]), x, None)
 
     def _ffn(self, L):
-        return lambda h, r: L["fc2"](L["fc1"](h), residual=r)
+        return lambda h, r, then=None: L["fc2"](L["fc1"](h), residual=r, then=then)
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = src == self.pad
         x = self._embed("src_embedding", src)
         for L in self.enc:
-            def attn(h, r, L=L):
+            def attn(h, r, then=None, L=L):
                 q, k, v = (self._heads(t) for t in L["qkv"](h).chunk(3, dim=-1))
                 return L["attn_out"](self._attend(q, k, v, mask, False), residual=r)
             x = self._sublayer(x, L, "attn_ln", attn)
@@ -410,22 +427,37 @@ class _Engine:
         anc = self.anc
         cross_mask = self.cross_mask[:B, :src_bucket]
         x = self._embed_step(search.tokens, t)
+        # int8 pre-LN with LSQUANT_LN_TAIL=1: each residual GEMM (attn_out, cross_out, fc2) also computes the next
+        # sublayer's LayerNorm + quantize (Int8Linear.call_ln_next): `nxt` names that LayerNorm and its consumer
+        tail = self.int8 and c.pre_layer_norm and ln_tail()
+
+        def nxt(i):   # the LayerNorm after layer i's last sublayer, and the linear it feeds
+            if not tail:
+                return None
+            if i + 1 < len(self.dec):
+                return self.dec[i + 1]["attn_ln"], self.dec[i + 1]["qkv"].in_clip, self.dec[i + 1]["qkv"].in_inv
+            return self.norms["decoder"], self.proj.x_clip_t, self.proj.x_inv_t
+
         for i, L in enumerate(self.dec):
-            def self_attn(h, r, i=i, L=L):
+            def self_attn(h, r, then, i=i, L=L):
                 ctx = attention.self_attention(L["qkv"](h).view(N, 3 * H), self.self_kv[i], anc, t, nH,
                                                L.get("kv_clip"), L.get("kv"), tgt_bucket, *self._out_q(L, "attn_out"))
-                return L["attn_out"](ctx, residual=r).view(N, 1, H)
+                return L["attn_out"](ctx, residual=r, then=then).view(N, 1, H)
 
-            def cross_attn(h, r, i=i, L=L):
+            def cross_attn(h, r, then, i=i, L=L):
                 # the K beams of a sentence are K queries against its one copy of the source keys
                 ctx = attention.cross_attention(L["cross_q"](h).view(N, H), self.cross_kv[:, i, :B, :, :src_bucket],
                                                 cross_mask, K, *self._out_q(L, "cross_out"))
-                return L["cross_out"](ctx, residual=r).view(N, 1, H)
+                return L["cross_out"](ctx, residual=r, then=then).view(N, 1, H)
 
-            x = self._sublayer(x, L, "attn_ln", self_attn)
-            x = self._sublayer(x, L, "cross_ln", cross_attn)
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L))
-        if self.cfg.pre_layer_norm and self.int8:
+            x = self._sublayer(x, L, "attn_ln", self_attn,
+                               tail and (L["cross_ln"], L["cross_q"].in_clip, L["cross_q"].in_inv) or None)
+            x = self._sublayer(x, L, "cross_ln", cross_attn,
+                               tail and (L["ffn_ln"], L["fc1"].in_clip, L["fc1"].in_inv) or None)
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), nxt(i))
+        if isinstance(x, _Normed):   # the last fc2 normalized and quantized the projection's input (tail)
+            logits = self.proj(x.q)
+        elif self.cfg.pre_layer_norm and self.int8:
             # the final LayerNorm and the quantize of the projection's input: in the projection's GEMM where
             # Int8Linear.ln_call fuses them (as the sublayers' first linears), else one kernel before it
             logits = self.proj.ln_call(x, *self.norms["decoder"], 1e-5)
