@@ -508,13 +508,11 @@ def test_tune_picks_kernels_and_keeps_the_tokens(trained, test_src, tmp_path):
     assert all(lin.choices for _, lin in eng.linears())
 
 
-@pytest.mark.cuda
-def test_cuda_int8_engine_with_the_layer_norm_in_the_gemm(trained, test_src, tmp_path, monkeypatch):
-    """LSQUANT_LN_GEMM=1: the int8 engine's QKV, cross-query and FFN1 GEMMs normalize and quantize their input
-    (Int8Linear.ln_call). The captured graphs replay the eager tokens exactly, and the tokens are the two-kernel
-    engine's but where an int8 input lands on the neighbouring level (near ties: most sentences identical)."""
-    from lsquant.inference import gemm as G
-
+def _check_fused_layer_norm_engine(trained, test_src, tmp_path, monkeypatch, env: str, kernel: str, on):
+    """The int8 engine with one of the LayerNorm fusions switched on (env=1): the captured graphs replay the eager
+    tokens exactly, no linear gave up the fused kernel (its name in ``_failed``), and the tokens are the
+    two-kernel engine's but where an int8 input lands on the neighbouring level (near ties: most sentences
+    identical)."""
     model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
     lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
                       progress=False)
@@ -522,46 +520,37 @@ def test_cuda_int8_engine_with_the_layer_norm_in_the_gemm(trained, test_src, tmp
     path = export_transformer(model, tmp_path / "q.h5", "int8")
     src = test_src.cuda()
     two = QuantTransformer(path, max_batch_size=16, device="cuda").infer(src[:16], "beam")[0]
-    monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
-    assert G.ln_fused()
-    graphed = QuantTransformer(path, max_batch_size=16, device="cuda")
-    eager = QuantTransformer(path, max_batch_size=16, device="cuda", cuda_graph=False)
-    for method in ("beam", "greedy"):
-        a, sa = graphed.infer(src[:16], method)
-        b, sb = eager.infer(src[:16], method)
-        assert torch.equal(a, b) and torch.equal(sa, sb), method
-    assert not any("ln_tiled" in lin._failed for _, lin in graphed.linears())
-    fused = graphed.infer(src[:16], "beam")[0]
-    same = sum(torch.equal(x, y) for x, y in zip(fused[:, 0], two[:, 0]))
-    assert same >= 15, same
-
-
-@pytest.mark.cuda
-def test_cuda_int8_engine_with_the_layer_norm_after_the_residual_gemm(trained, test_src, tmp_path, monkeypatch):
-    """LSQUANT_LN_TAIL=1: the decoder step's residual GEMMs normalize and quantize the next sublayer's input in
-    their last programs. Graphs replay the eager tokens exactly (with PDL on, the default); the tokens are the
-    two-kernel engine's but where an int8 input lands on the neighbouring level (near ties)."""
-    from lsquant.inference import gemm as G
-
-    model = Transformer.load(trained.save(tmp_path / "m.pt")).cuda().eval()
-    lsquant.calibrate(model, [tuple(t.cuda() for t in b[:2]) for b in _copy_batches(4, seed=5)], method="max",
-                      progress=False)
-    model.apply(lsquant.enable_quant)
-    path = export_transformer(model, tmp_path / "q.h5", "int8")
-    src = test_src.cuda()
-    two = QuantTransformer(path, max_batch_size=16, device="cuda").infer(src[:16], "beam")[0]
-    monkeypatch.setenv("LSQUANT_LN_TAIL", "1")
-    assert G.ln_tail()
+    monkeypatch.setenv(env, "1")
+    assert on()
     graphed = QuantTransformer(path, max_batch_size=16, device="cuda")
     eager = QuantTransformer(path, max_batch_size=16, device="cuda", cuda_graph=False)
     for method in ("beam", "greedy", "beam"):
         a, sa = graphed.infer(src[:16], method)
         b, sb = eager.infer(src[:16], method)
         assert torch.equal(a, b) and torch.equal(sa, sb), method
-    assert not any("ln_tail" in lin._failed for _, lin in graphed.linears())
+    assert not any(kernel in lin._failed for _, lin in graphed.linears())
     fused = graphed.infer(src[:16], "beam")[0]
     same = sum(torch.equal(x, y) for x, y in zip(fused[:, 0], two[:, 0]))
     assert same >= 15, same
+
+
+@pytest.mark.cuda
+def test_cuda_int8_engine_with_the_layer_norm_in_the_gemm(trained, test_src, tmp_path, monkeypatch):
+    """LSQUANT_LN_GEMM=1: the int8 engine's QKV, cross-query and FFN1 GEMMs normalize and quantize their input
+    (Int8Linear.ln_call)."""
+    from lsquant.inference import gemm as G
+
+    _check_fused_layer_norm_engine(trained, test_src, tmp_path, monkeypatch, "LSQUANT_LN_GEMM", "ln_tiled",
+                                   G.ln_fused)
+
+
+@pytest.mark.cuda
+def test_cuda_int8_engine_with_the_layer_norm_after_the_residual_gemm(trained, test_src, tmp_path, monkeypatch):
+    """LSQUANT_LN_TAIL=1: the decoder step's residual GEMMs normalize and quantize the next sublayer's input in
+    their last programs (Int8Linear.call_ln_next; PDL on, the default)."""
+    from lsquant.inference import gemm as G
+
+    _check_fused_layer_norm_engine(trained, test_src, tmp_path, monkeypatch, "LSQUANT_LN_TAIL", "ln_tail", G.ln_tail)
 
 
 @pytest.mark.cuda

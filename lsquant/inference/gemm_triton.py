@@ -270,7 +270,7 @@ def _build(interpret: bool) -> dict:
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
     global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile, _pdl_enter, _pdl_wait
-    global _ln_stats, _ln_tail
+    global _ln_stats, _ln_tail, _row_chunk
     import triton
     import triton.language as tl
 
@@ -357,6 +357,16 @@ def _build(interpret: bool) -> dict:
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
 
     @triton.jit
+    def _row_chunk(x_rows, kk, K, L2_ONLY: tl.constexpr):
+        # columns kk of rows x_rows (zeros past K); L2_ONLY: through L2 only (.cg), for rows that other programs
+        # of the same grid have just written
+        if L2_ONLY:
+            v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0, cache_modifier=".cg")
+        else:
+            v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+        return v
+
+    @triton.jit
     def _ln_stats(x_rows, K, LN_BLOCK: tl.constexpr, L2_ONLY: tl.constexpr):
         # mean and variance of rows of K floats (x_rows: a (BLOCK_M, 1) tensor of row pointers), two passes over K in
         # LN_BLOCK chunks (as layernorm.cu: the sum, then the squared deviations from the mean), IEEE divisions
@@ -366,19 +376,13 @@ def _build(interpret: bool) -> dict:
         s1 = tl.zeros((x_rows.shape[0],), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, LN_BLOCK)):
             kk = k * LN_BLOCK + offs_l
-            if L2_ONLY:
-                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0, cache_modifier=".cg")
-            else:
-                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            v = _row_chunk(x_rows, kk, K, L2_ONLY)
             s1 += tl.sum(v.to(tl.float32), axis=1)
         mean = tl.math.div_rn(s1, K.to(tl.float32))
         s2 = tl.zeros((x_rows.shape[0],), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, LN_BLOCK)):
             kk = k * LN_BLOCK + offs_l
-            if L2_ONLY:
-                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0, cache_modifier=".cg")
-            else:
-                v = tl.load(x_rows + kk[None, :], mask=kk[None, :] < K, other=0.0)
+            v = _row_chunk(x_rows, kk, K, L2_ONLY)
             d = tl.where(kk[None, :] < K, v.to(tl.float32) - mean[:, None], 0.0)
             s2 += tl.sum(d * d, axis=1)
         return mean, tl.math.div_rn(s2, K.to(tl.float32))
@@ -406,7 +410,7 @@ def _build(interpret: bool) -> dict:
             for k in range(0, tl.cdiv(N, LN_BLOCK)):
                 kk = k * LN_BLOCK + offs_l
                 km = kk < N
-                yv = tl.load(y_rows + kk[None, :], mask=km[None, :], other=0.0, cache_modifier=".cg")
+                yv = _row_chunk(y_rows, kk, N, True)
                 g = tl.load(g_ptr + kk, mask=km, other=0.0).to(tl.float32)
                 bb = tl.load(beta_ptr + kk, mask=km, other=0.0).to(tl.float32)
                 h = tl.fma((yv.to(tl.float32) - mean[:, None]) * rstd[:, None], g[None, :], bb[None, :])
