@@ -63,7 +63,7 @@ elif [ "$PART" = lnpdl ]; then
 # the decode-step changes of the session after run F, each against its former self side by side, in priority order
 # (a step the 600 s limit cuts off loses only what follows): the LayerNorm launched with PDL (LSQUANT_PDL_LN=0:
 # ordinary launches), the LayerNorm in the residual GEMM's tail (LSQUANT_LN_TAIL=1), cross-attention per (sentence,
-# head) (LSQUANT_CROSS_BEAMS=0: per row), more rough top-k slices per row. Their cuda tests first
+# head) (LSQUANT_CROSS_BEAMS=1; per row is the default since run G), more rough top-k slices per row. Cuda tests first
 run tests 150 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_layer_norm_quant.py \
   tests/test_attention.py tests/test_ln_gemm.py tests/test_engine_transformer.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20
@@ -72,7 +72,7 @@ bench base_lntail LSQUANT_LN_TAIL=1 -- --models base --batches 1 8 --impls lsqua
 bench big_new -- --models big --batches 1 8 --impls lsquant_int8 lsquant_fp16
 bench big_lntail LSQUANT_LN_TAIL=1 -- --models big --batches 1 8 --impls lsquant_int8
 bench base_lnplain LSQUANT_PDL_LN=0 -- --models base --batches 1 8 32 --impls lsquant_int8
-bench base_crossrow LSQUANT_CROSS_BEAMS=0 -- --models base --batches 32 128 --impls lsquant_int8
+bench base_crossbeams LSQUANT_CROSS_BEAMS=1 -- --models base --batches 32 128 --impls lsquant_int8
 # the rough top-k's slices per row (latency-bound passes at ~4 programs an SM at 512 rows: NOTES_engine.md), against
 # the default's 1 at batch 128 in base_new
 bench base_slices4 LSQUANT_ROUGH_SLICES=4 -- --models base --batches 128 --impls lsquant_int8

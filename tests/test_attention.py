@@ -96,8 +96,11 @@ def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
             assert got[:beams].abs().max() == 0
 
 
+@pytest.mark.parametrize("per_sentence", ["0", "1"])
 @pytest.mark.parametrize("B,beams,nH,D,S", [(1, 1, 1, 8, 3), (3, 2, 2, 12, 37), (2, 5, 3, 20, 40), (2, 4, 2, 16, 1)])
-def test_cross_attention_kernel_interpreted(triton_interpreter, B, beams, nH, D, S):
+def test_cross_attention_kernel_interpreted(triton_interpreter, monkeypatch, per_sentence, B, beams, nH, D, S):
+    """The per-row kernel (the default) and, with LSQUANT_CROSS_BEAMS=1, the per-sentence one for beams > 1."""
+    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", per_sentence)
     _check_cross("cpu", B, beams, nH, D, S, torch.float32)
 
 
@@ -174,9 +177,11 @@ def test_self_attention_kernel_cuda_int8_out(dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("per_sentence", ["0", "1"])
 @pytest.mark.parametrize("B,beams,nH,D,S", [(1, 4, 8, 64, 16), (9, 4, 16, 64, 97), (3, 1, 3, 40, 1025)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cross_attention_kernel_cuda(B, beams, nH, D, S, dtype):
+def test_cross_attention_kernel_cuda(monkeypatch, per_sentence, B, beams, nH, D, S, dtype):
+    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", per_sentence)
     _check_cross("cuda", B, beams, nH, D, S, dtype)
     _check_cross("cuda", B, beams, nH, D, S, dtype, out_int8=True)
 
@@ -245,12 +250,16 @@ def test_embed_step_kernel_cuda(int8, dtype, V, H, N):
     assert torch.equal(embed_step(*args, 1, dtype), embed_step_ref(*args, 1, dtype))
 
 
-def test_cross_attention_beams_kernel_interpreted_int8_out(triton_interpreter):
-    """The per-sentence kernel (beams > 1) with the int8 context for the output linear."""
+def test_cross_attention_beams_kernel_interpreted_int8_out(triton_interpreter, monkeypatch):
+    """The per-sentence kernel (LSQUANT_CROSS_BEAMS=1, beams > 1) with the int8 context for the output linear."""
+    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", "1")
     _check_cross("cpu", 3, 4, 2, 24, 45, torch.float32, out_int8=True)
 
 
-def test_cross_attention_per_row_switch_interpreted(triton_interpreter, monkeypatch):
-    """LSQUANT_CROSS_BEAMS=0: beams > 1 on the per-row kernel, the same values up to the summation order."""
-    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", "0")
-    _check_cross("cpu", 3, 4, 2, 24, 45, torch.float32)
+def test_cross_attention_kernel_choice_follows_the_environment(monkeypatch):
+    """Per row by default (measured faster on an H100: bench/NOTES_engine.md, run G); per sentence with
+    LSQUANT_CROSS_BEAMS=1, and only for beams > 1."""
+    monkeypatch.delenv("LSQUANT_CROSS_BEAMS", raising=False)
+    assert not A.per_sentence(4)
+    monkeypatch.setenv("LSQUANT_CROSS_BEAMS", "1")
+    assert A.per_sentence(4) and not A.per_sentence(1)

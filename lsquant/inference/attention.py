@@ -12,8 +12,9 @@ gathering and rewriting every layer's K/V cache (at batch 32, beam 4, Transforme
 caches of 128 rows x 32 x 512 int8, 25 MB read and written per step, against a 16 KB table).
 
 Cross-attention: row r (beam r % beams of sentence r // beams) attends over its sentence's one copy of the
-source keys, with the source padding mask. With beams > 1 one program per (sentence, head) serves all its beams
-(``cross_beams_kernel``: the source K/V read once, not once per beam, in half the waves at batch 128).
+source keys, with the source padding mask, one program per (row, head). ``cross_beams_kernel`` (opt-in,
+LSQUANT_CROSS_BEAMS=1) serves a sentence's beams from one program per (sentence, head), reading the source K/V
+once, not once per beam; measured slower on an H100 (see per_sentence).
 
 The kernel (one program per row and head) fuses what the reference runs as ~10 kernels per layer: quantize the
 new K/V and write them, gather the cached keys through ``anc``, dequantize, Q K^T, the masked softmax, P V, the
@@ -336,6 +337,14 @@ def self_attention(qkv, cache, anc, t, nhead: int, kv_clip=None, kv=None, bucket
     return _launch(qkv, qkv[:, qkv.shape[1] // 3:], cache, anc, None, t, 0, kv, out_inv, 1, True, nhead)
 
 
+def per_sentence(beams: int) -> bool:
+    """Whether beam search's cross-attention runs cross_beams_kernel (one program per (sentence, head)):
+    LSQUANT_CROSS_BEAMS=1 and beams > 1. Off by default: on an H100 (bench/NOTES_engine.md, run G, two A/B
+    pairs) the per-row kernel gave the int8 engine 2-4% more tokens/s at batch 32 and 10-14% more at batch 128,
+    beam 4, although it reads each source block once per beam."""
+    return beams > 1 and os.environ.get("LSQUANT_CROSS_BEAMS", "0") == "1"
+
+
 def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
     """One decoder step's cross-attention: q (N, H), N = B * beams; kv (2, B, nH, S, D) (head_dim
     contiguous); mask (B, S) bool/uint8, True = padding -> ctx (N, H), int8 with out_clip / out_inv."""
@@ -346,7 +355,7 @@ def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
     nhead, S = kv.shape[2], kv.shape[3]
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    if beams > 1 and os.environ.get("LSQUANT_CROSS_BEAMS", "1") != "0":   # 0: the per-row kernel (comparisons)
+    if per_sentence(beams):
         return _launch_beams(q, kv, mask, S, out_inv, beams, nhead)
     # the position pointer is read by self-attention only: the mask stands in for it
     return _launch(q, None, kv, None, mask, mask, S, None, out_inv, beams, False, nhead)
