@@ -11,6 +11,9 @@ weight scale x activation scale, bias. TOPS = 2 M N K / time.
 Timing (lsquant.inference.gemm_tuner.time_fn, the same for every column): each measurement is ``iters``
 back-to-back calls captured in one CUDA graph, inputs rotating over 2-4 sets (more than 2x the 50 MB L2
 where they fit), median of 5 measurements, after warm-up. Inputs: random non-zero int8, bf16 N(0, 1).
+The lsquant columns launch as the library does: on sm_90 the Triton kernels with programmatic dependent launch
+(column ``pdl``; LSQUANT_PDL=0 times them without), so a call's launch and weight prefetch overlap the call before
+it, as in the engines' decode steps; cuBLAS, cuBLASLt and CUTLASS calls launch ordinarily.
 Shapes shared by two models (Transformer-big and GPT-2 medium) are timed once and written for both.
 """
 from __future__ import annotations
@@ -107,6 +110,11 @@ def main() -> int:
     from lsquant.ops.build import load
 
     info["cublaslt"] = str(load().gemm_int8_cublaslt_version())
+    from lsquant.inference import pdl
+
+    # the Triton kernels' launch mode (the library's default on sm_90: PDL, LSQUANT_PDL=0 turns it off): with it,
+    # a call in the timed graph is scheduled while the one before it runs and prefetches its weights into L2
+    info["pdl"] = "on" if pdl.enabled(torch.device("cuda", torch.cuda.current_device())) else "off"
     try:
         import triton
 
