@@ -213,7 +213,8 @@ LN_TAIL_MAX_M = int(os.environ.get("LSQUANT_LN_TAIL_MAX_M", "64"))
 def ln_tail() -> bool:
     """Whether the int8 engine's decoder step hands each sublayer's LayerNorm to the residual GEMM before it
     (Int8Linear.call_ln_next: one kernel on CUDA with Triton, the two kernels elsewhere): LSQUANT_LN_TAIL=1.
-    Opt-in until measured on a GPU (bench/NOTES_engine.md)."""
+    Opt-in: measured slower on an H100 than the separate LayerNorm under PDL (0.73-0.89x tokens/s at batch 1-8,
+    bench/NOTES_engine.md, run G)."""
     return os.environ.get("LSQUANT_LN_TAIL", "0") == "1"
 
 

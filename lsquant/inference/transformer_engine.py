@@ -428,15 +428,13 @@ class _Engine:
         cross_mask = self.cross_mask[:B, :src_bucket]
         x = self._embed_step(search.tokens, t)
         # int8 pre-LN with LSQUANT_LN_TAIL=1: each residual GEMM (attn_out, cross_out, fc2) also computes the next
-        # sublayer's LayerNorm + quantize (Int8Linear.call_ln_next): `nxt` names that LayerNorm and its consumer
+        # sublayer's LayerNorm + quantize (Int8Linear.call_ln_next): `then` names that LayerNorm and its consumer
         tail = self.int8 and c.pre_layer_norm and ln_tail()
 
-        def nxt(i):   # the LayerNorm after layer i's last sublayer, and the linear it feeds
+        def then(ln, lin):   # LayerNorm ln and the linear it feeds (a _Linear, or the projection's Int8Linear)
             if not tail:
                 return None
-            if i + 1 < len(self.dec):
-                return self.dec[i + 1]["attn_ln"], self.dec[i + 1]["qkv"].in_clip, self.dec[i + 1]["qkv"].in_inv
-            return self.norms["decoder"], self.proj.x_clip_t, self.proj.x_inv_t
+            return (ln, lin.in_clip, lin.in_inv) if isinstance(lin, _Linear) else (ln, lin.x_clip_t, lin.x_inv_t)
 
         for i, L in enumerate(self.dec):
             def self_attn(h, r, then, i=i, L=L):
@@ -450,11 +448,11 @@ class _Engine:
                                                 cross_mask, K, *self._out_q(L, "cross_out"))
                 return L["cross_out"](ctx, residual=r, then=then).view(N, 1, H)
 
-            x = self._sublayer(x, L, "attn_ln", self_attn,
-                               tail and (L["cross_ln"], L["cross_q"].in_clip, L["cross_q"].in_inv) or None)
-            x = self._sublayer(x, L, "cross_ln", cross_attn,
-                               tail and (L["ffn_ln"], L["fc1"].in_clip, L["fc1"].in_inv) or None)
-            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), nxt(i))
+            nxt = (then(self.dec[i + 1]["attn_ln"], self.dec[i + 1]["qkv"]) if i + 1 < len(self.dec)
+                   else then(self.norms["decoder"], self.proj))
+            x = self._sublayer(x, L, "attn_ln", self_attn, then(L["cross_ln"], L["cross_q"]))
+            x = self._sublayer(x, L, "cross_ln", cross_attn, then(L["ffn_ln"], L["fc1"]))
+            x = self._sublayer(x, L, "ffn_ln", self._ffn(L), nxt)
         if isinstance(x, _Normed):   # the last fc2 normalized and quantized the projection's input (tail)
             logits = self.proj(x.q)
         elif self.cfg.pre_layer_norm and self.int8:
