@@ -8,7 +8,9 @@
 #   bash scripts/gpu_round.sh followup   (~6 min) the engines at their defaults after the rough top-k pass-2 change
 #   bash scripts/gpu_round.sh lnpdl      (~9 min) the LayerNorm under PDL, the LayerNorm in the residual GEMM's tail,
 #       cross-attention per sentence, rough top-k slices, each side by side with its former self
-#   bash scripts/gpu_round.sh exact      (~5 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
+#   bash scripts/gpu_round.sh exact      (~7 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
+#   MODEL=base bash scripts/gpu_round.sh final  (~4-7 min) issue 5's whole grid for one model at the defaults
+#   bash scripts/gpu_round.sh tests      (~4-9 min) the cuda tests of the decode step and the engines
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
 #       (lsquant/inference/gemm_cutlass.py): build, cuda tests, bench_gemm over M >= 2048 (GEMM_M="1 8 ...": the
@@ -81,20 +83,34 @@ bench base_lntail512 LSQUANT_LN_TAIL=1 LSQUANT_LN_TAIL_MAX_M=512 -- --models bas
 bench base_lnfused LSQUANT_LN_GEMM=1 -- --models base --batches 1 8 --impls lsquant_int8
 python3 scripts/round_table.py "$W" --base base_new > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = exact ]; then
-# (~5 min; carry .whl) the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant
-# model): speed and memory against the default fp16 activations; then its GEMMs with the CUTLASS candidates
-# (M >= 128: batch 32-128, beam 4)
-bench base_default -- --models base --batches 1 8 32 128 --impls lsquant_int8
+# (~7 min; carry .whl) the int8 engine with fp32 activations (the setting whose greedy tokens match the fake-quant
+# model): speed and memory against the default fp16 activations and the fp16 engine, side by side; then its GEMMs
+# with the CUTLASS candidates (M >= 128: batch 32-128, beam 4)
+bench base_default -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 bench base_int8fp32 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32
-bench base_int8fp32l16 -- --models base --batches 8 128 --impls lsquant_int8_fp32l16
+bench base_int8fp32l16 -- --models base --batches 1 8 32 128 --impls lsquant_int8_fp32l16
+bench big_default -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+bench big_int8fp32l16 -- --models big --batches 1 8 32 --impls lsquant_int8_fp32l16
+python3 scripts/round_table.py "$W" --base base_default > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 if ls .whl/nvidia_cutlass-*.whl > /dev/null 2>&1; then
   python3 -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/lsq_cutlass_whl > /dev/null 2>&1
   run cutlass_build 240 env LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source python3 -c \
     "from lsquant.inference import gemm_cutlass as g; g.library(); print('built', g.library_path())"
   bench base_cutlass LSQUANT_CUTLASS_DIR=/tmp/lsq_cutlass_whl/cutlass_library/source -- --models base \
     --batches 32 128 --impls lsquant_int8
+  python3 scripts/round_table.py "$W" --base base_default > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 fi
-python3 scripts/round_table.py "$W" --base base_default > "$W/table.md" 2>&1; cat "$W/table.md"; pack
+elif [ "$PART" = tests ]; then
+# the cuda tests of the decode step's kernels and the engines (a cold Triton cache compiles for minutes)
+run tests "${TEST_S:-540}" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_attention.py tests/test_engine_transformer.py \
+  tests/test_pdl.py tests/test_layer_norm_quant.py tests/test_ln_gemm.py tests/test_rough_topk.py tests/test_decoding.py
+grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20; tail -3 "$W/tests.log"
+elif [ "$PART" = final ]; then
+# issue 5's grid at the defaults, one model per call (MODEL=base|big): batch 1-128, source 16/32/64, beam 4 and
+# sampling, the int8 and fp16 engines, PyTorch fp16 (the model's own decoding) and Hugging Face Marian fp16
+run "engine_final_${MODEL:-base}" "${FINAL_S:-420}" python3 bench/bench_engine.py --graph on --models "${MODEL:-base}" \
+  --out "$W/engine_final_${MODEL:-base}.csv" --impls lsquant_int8 lsquant_fp16 pytorch_fp16 hf_marian_fp16
+grep -v "^\[" "$W/engine_final_${MODEL:-base}.log" | grep "tok/s" | sed 's/^/   /'; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
 run tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_engine_transformer.py -k "layernorm or pdl"
