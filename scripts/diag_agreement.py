@@ -3,7 +3,8 @@
 Trains the translation recipe's model briefly (or reuses --run-dir's checkpoints), exports its QAT model to int8
 (and its float model to fp16, as a control), then decodes one test split greedily with:
   the model on CUDA (fp32) and on the CPU (fp32), with quantization on (fake-quant) and off;
-  the engine on CUDA (fp32 and fp16) and on the CPU (reference ops, fp32; the first --cpu-limit sentences).
+  the engine on CUDA (fp32; the int8 one also fp32 with fp16 logits; fp16) and on the CPU (reference ops, fp32;
+  the first --cpu-limit sentences).
 The int8 side also decodes with the fake-quant
 model's GEMMs on int8 levels (lsquant.exact_gemm: exact dot products, the engine's arithmetic; "exact_model_*").
 It prints the pairwise share of sentences with identical tokens, and, for the sentences where the CUDA model and
@@ -173,6 +174,9 @@ def main():
                              (f"engine_cuda32_{tag}", lambda: decode_engine(
                                  Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu, dtype=torch.float32),
                                  batches)),
+                             *(((f"engine_cuda32l16_{tag}", lambda: decode_engine(
+                                 Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu, dtype=torch.float32,
+                                     logits_dtype=torch.float16), batches)),) if quant else ()),
                              (f"engine_cuda16_{tag}", lambda: decode_engine(
                                  Eng(epath, max_batch_size=cfg.infer_batch_size, device=a.gpu), batches)),
                              (f"engine_cpu_{tag}", lambda: decode_engine(
