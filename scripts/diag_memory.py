@@ -21,17 +21,20 @@ from lsquant.inference.transformer_engine import QuantTransformer  # noqa: E402
 MB = 2 ** 20
 
 
-def largest_blocks(snapshot: dict, n: int) -> list[tuple[float, str]]:
-    """The n largest allocated blocks of a memory snapshot: (MB, the innermost lsquant frames)."""
-    out = []
+def largest_blocks(snapshot: dict, n: int) -> list[tuple[float, int, str]]:
+    """The live blocks of a memory snapshot summed by where they were allocated (the memory pool and the
+    innermost lsquant / bench frames): the n largest sums as (MB, blocks, where)."""
+    sums: dict = {}
     for seg in snapshot["segments"]:
         for blk in seg["blocks"]:
             if blk["state"] != "active_allocated":
                 continue
             frames = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in blk.get("frames", [])
                       if "lsquant" in f["filename"] or "bench" in f["filename"]]
-            out.append((blk["size"] / MB, f"pool {seg.get('segment_pool_id')} | " + " < ".join(frames[:4])))
-    return sorted(out, reverse=True)[:n]
+            where = f"pool {seg.get('segment_pool_id')} | " + " < ".join(frames[:4])
+            mb, k = sums.get(where, (0.0, 0))
+            sums[where] = (mb + blk["size"] / MB, k + 1)
+    return sorted(((mb, k, w) for w, (mb, k) in sums.items()), reverse=True)[:n]
 
 
 def main():
@@ -70,8 +73,8 @@ def main():
                 print(f"S={S} call {rep}: allocated {torch.cuda.memory_allocated() / MB - base:.1f} MB, peak "
                       f"{torch.cuda.max_memory_allocated() / MB - base:.1f} MB, reserved "
                       f"{torch.cuda.memory_reserved() / MB:.1f} MB", flush=True)
-            for mb, where in largest_blocks(torch.cuda.memory._snapshot(), a.top):
-                print(f"   {mb:8.1f} MB  {where}")
+            for mb, k, where in largest_blocks(torch.cuda.memory._snapshot(), a.top):
+                print(f"   {mb:8.1f} MB in {k:3d} blocks  {where}")
 
 
 if __name__ == "__main__":
