@@ -86,12 +86,19 @@ def start_gpu_bench(script: str, csv_prefix: str, out: str | None) -> tuple[str,
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Append rows to a CSV (header written when the file is new)."""
+    """Append rows to a CSV (header written when the file is new). A file whose header names other columns is
+    left as it is (ValueError): appended rows would sit under the wrong column names."""
     if not rows:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != list(rows[0].keys()):
+            raise ValueError(f"{path} has the columns {header}, these rows {list(rows[0].keys())}: write them to "
+                             "a new file (--out)")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         if new:
