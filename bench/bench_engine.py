@@ -112,6 +112,8 @@ def main() -> None:
                     help="lsquant engines with CUDA graphs (on), without (off) or both (default)")
     ap.add_argument("--impls", nargs="+", default=IMPLS[:4], choices=IMPLS,
                     help="implementations to measure (default: the first four)")
+    ap.add_argument("--methods", nargs="+", default=["beam", "sample"], choices=["beam", "sample"],
+                    help="decoding methods to measure (default both)")
     ap.add_argument("--sample-beams", type=int, default=1, choices=[1, 4],
                     help="beam_size our engines are built with for the sampling rows: 1 (default) sizes their "
                          "buffers for sampling, as one would to serve it; 4 serves sampling from the beam "
@@ -173,7 +175,7 @@ def main() -> None:
             rows, obj = [], None
             for B in batches:
                 built = None   # (batch, beams) of our engine in obj
-                for method in ("beam", "sample"):
+                for method in args.methods:
                     beams = 4 if method == "beam" else args.sample_beams
                     if (ours and built != (B, beams)) or obj is None:
                         # our engines: sized for this batch and method; the others hold no batch buffers

@@ -10,6 +10,7 @@
 #       cross-attention per sentence, rough top-k slices, each side by side with its former self
 #   bash scripts/gpu_round.sh exact      (~7 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
 #   MODEL=base bash scripts/gpu_round.sh final  (~4-7 min) issue 5's whole grid for one model at the defaults
+#   bash scripts/gpu_round.sh memory     (~8 min) the tuned engine's memory after a source-64 request; sampling rows
 #   bash scripts/gpu_round.sh tests      (~4-9 min) the cuda tests of the decode step and the engines
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
@@ -111,6 +112,18 @@ elif [ "$PART" = final ]; then
 run "engine_final_${MODEL:-base}" "${FINAL_S:-420}" python3 bench/bench_engine.py --graph on --models "${MODEL:-base}" \
   --out "$W/engine_final_${MODEL:-base}.csv" --impls lsquant_int8 lsquant_fp16 pytorch_fp16 hf_marian_fp16
 grep -v "^\[" "$W/engine_final_${MODEL:-base}.log" | grep "tok/s" | sed 's/^/   /'; pack
+elif [ "$PART" = memory ]; then
+# (~4 min) what the tuned int8 engine holds after a batch-128 request at source 64 (~256 MB more than at 16 in
+# the final grid), its live blocks summed by owner; then the sampling rows with engines built for sampling
+# (beam_size 1, bench_engine's default since the final grid) against PyTorch
+run diag_memory 150 python3 scripts/diag_memory.py --batch 128 --tune --src-lens 16 64 --top 16
+grep -v "^\[" "$W/diag_memory.log" | tail -40
+for m in base big; do
+  run "engine_sample_$m" 200 python3 bench/bench_engine.py --graph on --models $m --methods sample \
+    --out "$W/engine_sample_$m.csv" --impls lsquant_int8 lsquant_fp16 pytorch_fp16
+  grep -v "^\[" "$W/engine_sample_$m.log" | grep "tok/s" | sed 's/^/   /'
+done
+pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
 run tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_engine_transformer.py -k "layernorm or pdl"
