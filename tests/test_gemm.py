@@ -600,6 +600,9 @@ def test_cublaslt_refuses_an_algorithm_id_it_does_not_offer(monkeypatch):
 # small tiles keep the interpreter fast; each kind of kernel, TMA with both epilogue forms
 INTERP_CONFIGS = {
     "tiled": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2},
+    # the epilogue's inputs loaded before the main loop (LSQUANT_EARLY_EPI)
+    "tiled-early": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2,
+                    "EARLY_EPI": True},
     "tma-e2": {"KERNEL": "tma", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
                "GROUP_M": 2, "EPI_SUBTILE": 2, "WARP_SPECIALIZE": False},
     "tma-ws": {"KERNEL": "tma", "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
@@ -747,8 +750,8 @@ def _variant_cases(M, N, K, out_dtype):
 @pytest.mark.parametrize("M,N,K", [(1, 1024, 4096), (7, 100, 640), (77, 200, 304), (1000, 3072, 1024),
                                    (300, 1000, 250), (200, 1536, 512)])
 def test_cuda_triton_variants_exact(out_dtype, M, N, K):
-    """Persistent TMA (plain and warp-specialized) and split-K kernels on the GPU: int outputs equal the CPU
-    reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
+    """Persistent TMA (plain and warp-specialized) and split-K kernels, and the tiled one with EARLY_EPI, on the
+    GPU: int outputs equal the CPU reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
     (one epilogue, compiled without FMA contraction)."""
     from lsquant.inference import gemm_triton as GT
 
@@ -758,6 +761,7 @@ def test_cuda_triton_variants_exact(out_dtype, M, N, K):
     layer = _cuda_layer(N, K, out_dtype, act)
     x = rand_i8(M, K, device="cuda", nonzero=True)
     base_cfg, cfgs = _variant_cases(M, N, K, out_dtype)
+    cfgs = cfgs + [dict(base_cfg, EARLY_EPI=True)]   # the tiled kernel with its epilogue's loads first
     if M <= 64 and N >= 1000:
         assert any(c["KERNEL"] == "splitk" for c in cfgs), "split-K offered for decoding"
     if M > 64 and K % 16 == 0 and GT.tma_available():

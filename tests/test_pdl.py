@@ -52,11 +52,13 @@ topk_ptrs = dict(x_ptr="*fp16", t_ptr="*i64", lim_ptr="*i64", pmax_ptr="*fp32", 
                  count_ptr="*i32", top_s_ptr="*fp32", top_i_ptr="*i64")
 KERNELS = [
     ("tiled", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
-     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256)),
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256, EARLY_EPI=False)),
+    ("tiled_early", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256, EARLY_EPI=True)),
     ("splitk", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
      EVEN_K=True, LN_TAIL=False, LN_BLOCK=256)),
     ("tiled_ln", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
-     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256)),
+     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256, EARLY_EPI=False)),
     ("splitk_ln", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
      EVEN_K=True, LN_TAIL=True, LN_BLOCK=256)),
     ("ln_tiled", g["ln_tiled"], dict(gemm_ptrs, x_ptr="*fp16"), ("eps",),
@@ -110,7 +112,7 @@ from triton.compiler import ASTSource
 for name, fn, ptrs, floats, const in KERNELS:
     for use in (False, True):
         c = dict(const, USE_PDL=use)
-        if name in ("tiled", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
+        if name in ("tiled", "tiled_early", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
             c["PREFETCH"] = use
         sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
         k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
@@ -125,7 +127,7 @@ for name, fn, ptrs, floats, const in KERNELS:
         early = memory_ops_before(ptx, "griddepcontrol.wait")
         assert not early, (name, early)
         pre = ptx.find("cp.async.bulk.prefetch.L2.global")
-        if name in ("tiled", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
+        if name in ("tiled", "tiled_early", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
             assert 0 < pre < wait, name       # the weight rows are asked for before the wait
         else:
             assert pre < 0, name

@@ -149,7 +149,7 @@ def config_name(c: dict) -> str:
                 + ("-ws" if c.get("WARP_SPECIALIZE") else ""))
     if kind == "splitk":
         return f"triton-splitk{c['SPLIT_K']}:{tiles}"
-    return f"triton:{tiles}-g{c.get('GROUP_M', 8)}"
+    return f"triton:{tiles}-g{c.get('GROUP_M', 8)}" + ("-early" if c.get("EARLY_EPI") else "")
 
 
 def smem_bytes(c: dict, out_bytes: int = 2) -> int:
@@ -270,7 +270,7 @@ def _build(interpret: bool) -> dict:
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
     global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile, _pdl_enter, _pdl_wait
-    global _ln_stats, _ln_tail, _row_chunk
+    global _ln_stats, _ln_tail, _row_chunk, _epilogue_inputs, _epilogue_apply
     import triton
     import triton.language as tl
 
@@ -304,37 +304,65 @@ def _build(interpret: bool) -> dict:
         return tl.minimum(tl.maximum(q, -127.0), 127.0)
 
     @triton.jit
-    def _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
-                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr,
-                  HAS_RES: tl.constexpr):
+    def _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                         HAS_BIAS: tl.constexpr, OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr):
+        # what the epilogue reads besides the accumulator: alpha and bias (N,), the int8 output's 1/scale and the
+        # residual tile (float outputs; (M, N) through pointers, row stride stride_rm, with the output tile's
+        # mask). Split from _epilogue_apply so that a kernel can issue these loads before its main loop (their
+        # latency then overlaps it) or after it; unused ones are never loaded (their pointers may be dummies)
+        if OUT_KIND == 0:
+            alpha = offs_n.to(tl.float32)
+        else:
+            alpha = tl.load(alpha_ptr + offs_n, mask=offs_n < N, other=0.0)
+        if HAS_BIAS and OUT_KIND != 0:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        else:
+            bias = alpha
+        if OUT_KIND == 1:
+            inv = tl.load(inv_ptr)
+        else:
+            inv = 1.0
+        if HAS_RES and OUT_KIND == 2:
+            rmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=rmask, other=0.0)
+        else:
+            r = 0.0
+        return alpha, bias, inv, r
+
+    @triton.jit
+    def _epilogue_apply(acc, alpha, bias, inv, r, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                        OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr, HAS_RES: tl.constexpr):
         # OUT_KIND: 0 int32 accumulator, 1 int8 re-quantized, 2 float (OUT_TY). HAS_RES (float outputs only):
-        # out = OUT_TY(fp32(residual) + fp32(OUT_TY(v))), the residual (M, N) of OUT_TY read with the output
-        # tile's mask (offs_m < M, offs_n < N) through pointers (row stride stride_rm, columns contiguous)
+        # out = OUT_TY(fp32(residual) + fp32(OUT_TY(v)))
         if OUT_KIND == 0:
             out = acc
         else:
             # plain * and +: the kernels are compiled with enable_fp_fusion=False, so each rounds once (no FMA)
-            alpha = tl.load(alpha_ptr + offs_n, mask=offs_n < N, other=0.0)
             v = acc.to(tl.float32) * alpha[None, :]
             if HAS_BIAS:
-                bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
                 v = v + bias[None, :]
             if ACT == 1:
                 v = tl.maximum(v, 0.0)
             elif ACT == 2:
                 v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
             if OUT_KIND == 1:
-                out = _quant(v, tl.load(inv_ptr)).to(tl.int8)
+                out = _quant(v, inv).to(tl.int8)
             else:
                 out = v.to(OUT_TY)
                 if HAS_RES:
                     # round to OUT_TY first, then one fp32 add and one rounding: PyTorch's `residual + y`
                     # (fp16/bf16 adds compute in fp32 and round once)
-                    rmask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-                    r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=rmask,
-                                other=0.0)
                     out = (r.to(tl.float32) + out.to(tl.float32)).to(OUT_TY)
         return out
+
+    @triton.jit
+    def _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, OUT_KIND: tl.constexpr, OUT_TY: tl.constexpr,
+                  HAS_RES: tl.constexpr):
+        # the epilogue with its inputs loaded after the main loop
+        alpha, bias, inv, r = _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
+                                               stride_rm, HAS_BIAS, OUT_KIND, HAS_RES)
+        return _epilogue_apply(acc, alpha, bias, inv, r, HAS_BIAS, ACT, OUT_KIND, OUT_TY, HAS_RES)
 
     @triton.jit
     def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -434,13 +462,19 @@ def _build(interpret: bool) -> dict:
                            OUT_KIND: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            EVEN_K: tl.constexpr, USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                           LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16):
-        # LN_TAIL (float output): then the next sublayer's LayerNorm + quantize of the finished rows (_ln_tail)
+                           LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16,
+                           EARLY_EPI: tl.constexpr = False):
+        # LN_TAIL (float output): then the next sublayer's LayerNorm + quantize of the finished rows (_ln_tail).
+        # EARLY_EPI: the epilogue's inputs (alpha, bias, 1/scale, the residual tile) loaded before the main loop,
+        # after the PDL wait (the residual is the previous kernels' output), so their latency overlaps the loop
         pid = tl.program_id(0)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         offs_m, offs_n, rm, rn = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         if USE_PDL:
             _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn, K, PREFETCH)
+        if EARLY_EPI:
+            e_alpha, e_bias, e_inv, e_res = _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr,
+                                                             res_ptr, stride_rm, HAS_BIAS, OUT_KIND, HAS_RES)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
@@ -457,8 +491,14 @@ def _build(interpret: bool) -> dict:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm,
-                    HAS_BIAS, ACT, OUT_KIND, HAS_RES)
+        if EARLY_EPI:
+            res = _epilogue_apply(acc, e_alpha, e_bias, e_inv, e_res, HAS_BIAS, ACT, OUT_KIND,
+                                  out_ptr.dtype.element_ty, HAS_RES)
+            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        else:
+            _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
+                        stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
         if LN_TAIL:
             _ln_tail(pid_m, N, out_ptr, stride_om, ln_cnt_ptr, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
                      stride_qm, M, BLOCK_M, BLOCK_N, LN_BLOCK)
@@ -752,6 +792,13 @@ class _SplitKWorkspace:
 _splitk_ws = _SplitKWorkspace()
 
 
+def early_epilogue() -> bool:
+    """Whether the tiled kernel loads its epilogue's inputs (alpha, bias, the output's 1/scale, the residual
+    tile) before its main loop rather than after it (LSQUANT_EARLY_EPI=1; a config's "EARLY_EPI" overrides).
+    Same values either way; off by default until measured (bench/NOTES_engine.md)."""
+    return os.environ.get("LSQUANT_EARLY_EPI", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 and t.stride(-1) == 1
 
@@ -870,7 +917,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r,
         *ln_args, row_cnt_t, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8),
         EVEN_K=(K % bk == 0), num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
-        **ln_kw, **_pdl_args(x2, w))
+        EARLY_EPI=bool(c.get("EARLY_EPI", early_epilogue())), **ln_kw, **_pdl_args(x2, w))
     return out
 
 
