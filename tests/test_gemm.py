@@ -1340,7 +1340,8 @@ def test_cuda_failing_triton_default_falls_back(monkeypatch):
 
 def test_triton_pointer_kernels_compile_for_sm90():
     """The tiled and split-K kernels (pointer loads; the TMA kernel needs a GPU's descriptors) lower for an H100
-    with float and int8 epilogues, a residual, and the LayerNorm tail (ln_next): PTX and ptxas, no GPU needed."""
+    with float and int8 epilogues, a residual, and the LayerNorm tail (ln_next), the tiled one with its epilogue's
+    loads after and before its main loop (EARLY_EPI): PTX and ptxas, no GPU needed."""
     compile_in_fresh_process("""
 import triton
 from triton.backends.compiler import GPUTarget
@@ -1350,7 +1351,8 @@ k = gemm_triton._build(False)
 ptrs = dict(x_ptr="*i8", w_ptr="*i8", alpha_ptr="*fp32", bias_ptr="*fp32", inv_ptr="*fp32", ws_ptr="*i32",
             cnt_ptr="*i32", ln_qinv_ptr="*fp32", ln_q_ptr="*i8", ln_cnt_ptr="*i32", ln_eps="fp32")
 for out, kind, act, res, tail in (("*bf16", 2, 1, True, False), ("*bf16", 2, 0, True, True), ("*i8", 1, 2, False, False)):
-    for name, const in (("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False)),
+    for name, const in (("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False, EARLY_EPI=False)),
+                        ("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False, EARLY_EPI=True)),
                         ("splitk", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True))):
         fn = k[name]
         const = dict(const, HAS_BIAS=True, ACT=act, OUT_KIND=kind, HAS_RES=res, LN_TAIL=tail, LN_BLOCK=256)

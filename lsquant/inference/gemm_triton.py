@@ -270,7 +270,7 @@ def _build(interpret: bool) -> dict:
     # so the lazily imported modules and the shared jit functions are bound as globals here; maxsize=1: a
     # switch of mode rebuilds (and rebinds) everything, so the shared functions match the kernels in use.
     global triton, tl, _quant, _epilogue, _tile_coords, _tile_offsets, _store_part, _store_tile, _pdl_enter, _pdl_wait
-    global _ln_stats, _ln_tail, _row_chunk, _epilogue_inputs, _epilogue_apply
+    global _ln_stats, _ln_tail, _row_chunk, _epilogue_inputs, _epilogue_apply, _store_out
     import triton
     import triton.language as tl
 
@@ -381,6 +381,10 @@ def _build(interpret: bool) -> dict:
         # the epilogue of one output tile, stored through pointers with the (offs_m < M, offs_n < N) mask
         res = _epilogue(acc, offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr, res_ptr, stride_rm, HAS_BIAS, ACT,
                         OUT_KIND, out_ptr.dtype.element_ty, HAS_RES)
+        _store_out(res, offs_m, offs_n, M, N, out_ptr, stride_om)
+
+    @triton.jit
+    def _store_out(res, offs_m, offs_n, M, N, out_ptr, stride_om):
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res, mask=mask)
 
@@ -491,14 +495,12 @@ def _build(interpret: bool) -> dict:
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
 
-        if EARLY_EPI:
-            res = _epilogue_apply(acc, e_alpha, e_bias, e_inv, e_res, HAS_BIAS, ACT, OUT_KIND,
-                                  out_ptr.dtype.element_ty, HAS_RES)
-            tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], res,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-        else:
-            _store_tile(acc, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
-                        stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
+        if not EARLY_EPI:
+            e_alpha, e_bias, e_inv, e_res = _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr,
+                                                             res_ptr, stride_rm, HAS_BIAS, OUT_KIND, HAS_RES)
+        res = _epilogue_apply(acc, e_alpha, e_bias, e_inv, e_res, HAS_BIAS, ACT, OUT_KIND, out_ptr.dtype.element_ty,
+                              HAS_RES)
+        _store_out(res, offs_m, offs_n, M, N, out_ptr, stride_om)
         if LN_TAIL:
             _ln_tail(pid_m, N, out_ptr, stride_om, ln_cnt_ptr, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
                      stride_qm, M, BLOCK_M, BLOCK_N, LN_BLOCK)
