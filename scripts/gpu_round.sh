@@ -10,7 +10,7 @@
 #       cross-attention per sentence, rough top-k slices, each side by side with its former self
 #   bash scripts/gpu_round.sh exact      (~7 min; carry .whl) the int8 engine with fp32 activations; with CUTLASS
 #   MODEL=base bash scripts/gpu_round.sh final  (~4-7 min) issue 5's whole grid for one model at the defaults
-#   bash scripts/gpu_round.sh early      (~6 min) LSQUANT_EARLY_EPI=1 against the default, two A/B pairs
+#   bash scripts/gpu_round.sh early      (~8 min) LSQUANT_EARLY_EPI=1 against =0 (two A/B pairs), then the tuner choosing
 #   bash scripts/gpu_round.sh memory     (~8 min) the tuned engine's memory after a source-64 request; sampling rows
 #   bash scripts/gpu_round.sh tests      (~4-9 min) the cuda tests of the decode step and the engines
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
@@ -126,16 +126,18 @@ for m in base big; do
 done
 pack
 elif [ "$PART" = early ]; then
-# (~6 min) the tiled GEMM with its epilogue's loads before the main loop (LSQUANT_EARLY_EPI=1) against the default,
+# (~8 min) the tiled GEMM with its epilogue's loads before the main loop (LSQUANT_EARLY_EPI=1) against after it (=0),
 # in two interleaved A/B pairs (runs of one configuration differ by up to 8%), after its cuda tests
 run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py -k "variants_exact or residual" \
   tests/test_pdl.py
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20; tail -1 "$W/tests.log"
 for pair in 1 2; do
-  bench "base_plain$pair" -- --models base --batches 1 8 32 128 --impls lsquant_int8
+  bench "base_plain$pair" LSQUANT_EARLY_EPI=0 -- --models base --batches 1 8 32 128 --impls lsquant_int8
   bench "base_early$pair" LSQUANT_EARLY_EPI=1 -- --models base --batches 1 8 32 128 --impls lsquant_int8
 done
-bench big_early LSQUANT_EARLY_EPI=1 -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
+# the default: the tuner times the two best tiled configs both ways and keeps the faster
+bench base_tuned -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
+bench big_tuned -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 python3 scripts/round_table.py "$W" --base base_plain1 > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)

@@ -732,6 +732,26 @@ def test_tuner_names_triton_kernels_apart():
     assert T.choice_name(LT_CHOICE) == G.choice_name(LT_CHOICE)
 
 
+def test_early_epilogue_switch_and_tuner_variants(monkeypatch):
+    """LSQUANT_EARLY_EPI: unset, each config decides and the tuner offers the first two tiled configs also with
+    their epilogue's loads first (named apart); "1" / "0" force every tiled call one way and offer no variants."""
+    from lsquant.inference import gemm_triton as GT
+
+    tiled = GT.candidate_configs(32, 1536, 512, limit=3)
+    tma = dict(tiled[0], KERNEL="tma")
+    monkeypatch.delenv("LSQUANT_EARLY_EPI", raising=False)
+    assert GT.early_epilogue() is None
+    early = GT.early_variants(tiled + [tma])
+    assert early == [dict(c, EARLY_EPI=True) for c in tiled[:2]]
+    assert GT.config_name(early[0]) == GT.config_name(tiled[0]) + "-early"
+    assert GT._early(early[0]) and not GT._early(tiled[0])
+    for value, forced in (("1", True), ("on", True), ("0", False), ("off", False)):
+        monkeypatch.setenv("LSQUANT_EARLY_EPI", value)
+        assert GT.early_epilogue() is forced
+        assert GT.early_variants(tiled) == []
+        assert GT._early(early[0]) is forced and GT._early(tiled[0]) is forced
+
+
 # ---------------------------------------------------------------- Triton kernels (GPU) ----
 
 def _variant_cases(M, N, K, out_dtype):

@@ -794,11 +794,29 @@ class _SplitKWorkspace:
 _splitk_ws = _SplitKWorkspace()
 
 
-def early_epilogue() -> bool:
-    """Whether the tiled kernel loads its epilogue's inputs (alpha, bias, the output's 1/scale, the residual
-    tile) before its main loop rather than after it (LSQUANT_EARLY_EPI=1; a config's "EARLY_EPI" overrides).
-    Same values either way; off by default until measured (bench/NOTES_engine.md)."""
-    return os.environ.get("LSQUANT_EARLY_EPI", "0").lower() in ("1", "true", "on", "yes")
+def early_epilogue() -> bool | None:
+    """LSQUANT_EARLY_EPI: "1" makes every tiled call load its epilogue's inputs (alpha, bias, the output's
+    1/scale, the residual tile) before its main loop, "0" none; unset (None), a config's "EARLY_EPI" decides (the
+    tuner offers tiled configs both ways: :func:`early_variants`). Same values either way."""
+    v = os.environ.get("LSQUANT_EARLY_EPI", "").strip().lower()
+    if v in ("1", "true", "on", "yes"):
+        return True
+    if v in ("0", "false", "off", "no"):
+        return False
+    return None
+
+
+def _early(config: dict) -> bool:
+    forced = early_epilogue()
+    return bool(config.get("EARLY_EPI", False)) if forced is None else forced
+
+
+def early_variants(configs: list[dict], n: int = 2) -> list[dict]:
+    """The first n tiled configs again with EARLY_EPI (none where LSQUANT_EARLY_EPI is set: then every tiled
+    call is one or the other)."""
+    if early_epilogue() is not None:
+        return []
+    return [dict(c, EARLY_EPI=True) for c in configs if c.get("KERNEL", "tiled") == "tiled"][:n]
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -919,7 +937,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
         x2, w, out, alpha_, bias_, inv_, res_, M, N, K, x2.stride(0), w.stride(0), out.stride(0), stride_r,
         *ln_args, row_cnt_t, **epi, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=c.get("GROUP_M", 8),
         EVEN_K=(K % bk == 0), num_warps=c["num_warps"], num_stages=c["num_stages"], enable_fp_fusion=False,
-        EARLY_EPI=bool(c.get("EARLY_EPI", early_epilogue())), **ln_kw, **_pdl_args(x2, w))
+        EARLY_EPI=_early(c), **ln_kw, **_pdl_args(x2, w))
     return out
 
 

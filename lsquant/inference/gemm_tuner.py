@@ -301,16 +301,19 @@ def choice_name(choice: dict) -> str:
 
 def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: int = 6, n_tma: int = 4,
                       n_ws: int = 1, n_splitk: int = 2) -> list[dict]:
-    """The Triton choices for this shape: n_triton tiled configs; on sm_90+ with tensor descriptors, n_tma
-    persistent TMA configs and n_ws warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227
-    KiB for this output type); n_splitk split-K configs (M <= 1024, where splitting K fills more SMs).
+    """The Triton choices for this shape: n_triton tiled configs, the first two also with EARLY_EPI (unless
+    LSQUANT_EARLY_EPI is set); on sm_90+ with tensor descriptors, n_tma persistent TMA configs and n_ws
+    warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227 KiB for this output type); n_splitk
+    split-K configs (M <= 1024, where splitting K fills more SMs).
     [] without Triton or a GPU; never raises (a variant that cannot be offered is just left out)."""
     from . import gemm_triton
 
     if not gemm_triton.available():
         log.info("Triton not available: no Triton candidates")
         return []
-    out = [{"backend": "triton", "config": c} for c in gemm_triton.candidate_configs(M, N, K, n_triton)]
+    tiled = gemm_triton.candidate_configs(M, N, K, n_triton)
+    # the best-ranked tiled configs also with their epilogue's loads before the main loop (same values)
+    out = [{"backend": "triton", "config": c} for c in tiled + gemm_triton.early_variants(tiled)]
     try:
         sms = gemm_triton.num_sms()
         tma = gemm_triton.tma_available()
