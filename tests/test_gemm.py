@@ -609,6 +609,8 @@ INTERP_CONFIGS = {
                "GROUP_M": 1, "EPI_SUBTILE": 1, "WARP_SPECIALIZE": True},
     "splitk": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
                "GROUP_M": 1, "SPLIT_K": 4},
+    "splitk-early": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4,
+                     "num_stages": 2, "GROUP_M": 1, "SPLIT_K": 4, "EARLY_EPI": True},
 }
 
 
@@ -733,16 +735,19 @@ def test_tuner_names_triton_kernels_apart():
 
 
 def test_early_epilogue_switch_and_tuner_variants(monkeypatch):
-    """LSQUANT_EARLY_EPI: unset, each config decides and the tuner offers the first two tiled configs also with
-    their epilogue's loads first (named apart); "1" / "0" force every tiled call one way and offer no variants."""
+    """LSQUANT_EARLY_EPI: unset, each config decides and the tuner offers the first two tiled and split-K configs
+    also with their epilogue's loads first (named apart); "1" / "0" force every call one way and offer no
+    variants."""
     from lsquant.inference import gemm_triton as GT
 
     tiled = GT.candidate_configs(32, 1536, 512, limit=3)
     tma = dict(tiled[0], KERNEL="tma")
+    splitk = [dict(c, KERNEL="splitk", SPLIT_K=s) for c, s in zip(tiled, (2, 4, 8))]
     monkeypatch.delenv("LSQUANT_EARLY_EPI", raising=False)
     assert GT.early_epilogue() is None
-    early = GT.early_variants(tiled + [tma])
-    assert early == [dict(c, EARLY_EPI=True) for c in tiled[:2]]
+    early = GT.early_variants(tiled + [tma] + splitk)
+    assert early == [dict(c, EARLY_EPI=True) for c in tiled[:2] + splitk[:2]]
+    assert GT.config_name(early[2]) == GT.config_name(splitk[0]) + "-early"
     assert GT.config_name(early[0]) == GT.config_name(tiled[0]) + "-early"
     assert GT._early(early[0]) and not GT._early(tiled[0])
     for value, forced in (("1", True), ("on", True), ("0", False), ("off", False)):
@@ -770,8 +775,8 @@ def _variant_cases(M, N, K, out_dtype):
 @pytest.mark.parametrize("M,N,K", [(1, 1024, 4096), (7, 100, 640), (77, 200, 304), (1000, 3072, 1024),
                                    (300, 1000, 250), (200, 1536, 512)])
 def test_cuda_triton_variants_exact(out_dtype, M, N, K):
-    """Persistent TMA (plain and warp-specialized) and split-K kernels, and the tiled one with EARLY_EPI, on the
-    GPU: int outputs equal the CPU reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
+    """Persistent TMA (plain and warp-specialized) and split-K kernels, and the tiled and split-K ones with
+    EARLY_EPI, on the GPU: int outputs equal the CPU reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
     (one epilogue, compiled without FMA contraction)."""
     from lsquant.inference import gemm_triton as GT
 
@@ -781,7 +786,8 @@ def test_cuda_triton_variants_exact(out_dtype, M, N, K):
     layer = _cuda_layer(N, K, out_dtype, act)
     x = rand_i8(M, K, device="cuda", nonzero=True)
     base_cfg, cfgs = _variant_cases(M, N, K, out_dtype)
-    cfgs = cfgs + [dict(base_cfg, EARLY_EPI=True)]   # the tiled kernel with its epilogue's loads first
+    # the tiled and split-K kernels with their epilogue's loads first
+    cfgs = cfgs + [dict(c, EARLY_EPI=True) for c in [base_cfg] + cfgs if c.get("KERNEL", "tiled") != "tma"]
     if M <= 64 and N >= 1000:
         assert any(c["KERNEL"] == "splitk" for c in cfgs), "split-K offered for decoding"
     if M > 64 and K % 16 == 0 and GT.tma_available():
@@ -1360,8 +1366,8 @@ def test_cuda_failing_triton_default_falls_back(monkeypatch):
 
 def test_triton_pointer_kernels_compile_for_sm90():
     """The tiled and split-K kernels (pointer loads; the TMA kernel needs a GPU's descriptors) lower for an H100
-    with float and int8 epilogues, a residual, and the LayerNorm tail (ln_next), the tiled one with its epilogue's
-    loads after and before its main loop (EARLY_EPI): PTX and ptxas, no GPU needed."""
+    with float and int8 epilogues, a residual, and the LayerNorm tail (ln_next), each with its epilogue's loads
+    after and before its main loop (EARLY_EPI): PTX and ptxas, no GPU needed."""
     compile_in_fresh_process("""
 import triton
 from triton.backends.compiler import GPUTarget
@@ -1373,7 +1379,8 @@ ptrs = dict(x_ptr="*i8", w_ptr="*i8", alpha_ptr="*fp32", bias_ptr="*fp32", inv_p
 for out, kind, act, res, tail in (("*bf16", 2, 1, True, False), ("*bf16", 2, 0, True, True), ("*i8", 1, 2, False, False)):
     for name, const in (("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False, EARLY_EPI=False)),
                         ("tiled", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, EVEN_K=False, EARLY_EPI=True)),
-                        ("splitk", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True))):
+                        ("splitk", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, EARLY_EPI=False)),
+                        ("splitk", dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4, EVEN_K=True, EARLY_EPI=True))):
         fn = k[name]
         const = dict(const, HAS_BIAS=True, ACT=act, OUT_KIND=kind, HAS_RES=res, LN_TAIL=tail, LN_BLOCK=256)
         sig = {a: "constexpr" if a in const else ptrs.get(a, out if a in ("out_ptr", "res_ptr", "ln_g_ptr",

@@ -56,11 +56,13 @@ KERNELS = [
     ("tiled_early", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
      EVEN_K=True, LN_TAIL=False, LN_BLOCK=256, EARLY_EPI=True)),
     ("splitk", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
-     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256)),
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256, EARLY_EPI=False)),
+    ("splitk_early", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
+     EVEN_K=True, LN_TAIL=False, LN_BLOCK=256, EARLY_EPI=True)),
     ("tiled_ln", g["tiled"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1,
      EVEN_K=True, LN_TAIL=True, LN_BLOCK=256, EARLY_EPI=False)),
     ("splitk_ln", g["splitk"], gemm_ptrs, ("ln_eps",), dict(epi, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, SPLIT_K=4,
-     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256)),
+     EVEN_K=True, LN_TAIL=True, LN_BLOCK=256, EARLY_EPI=False)),
     ("ln_tiled", g["ln_tiled"], dict(gemm_ptrs, x_ptr="*fp16"), ("eps",),
      dict(epi, OUT_KIND=1, HAS_RES=False, WRITE_Q=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, LN_BLOCK=256)),
     ("cross_beams", attention._build(False)[1], dict(q_ptr="*fp16", kv_ptr="*fp16", mask_ptr="*u8", out_ptr="*i8",
@@ -112,7 +114,7 @@ from triton.compiler import ASTSource
 for name, fn, ptrs, floats, const in KERNELS:
     for use in (False, True):
         c = dict(const, USE_PDL=use)
-        if name in ("tiled", "tiled_early", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
+        if name in ("tiled", "tiled_early", "splitk", "splitk_early", "tiled_ln", "splitk_ln", "ln_tiled"):
             c["PREFETCH"] = use
         sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a in floats else "i32") for a in fn.arg_names}
         k = triton.compile(ASTSource(fn, sig, constexprs=c), target=GPUTarget("cuda", 90, 32),
@@ -127,7 +129,7 @@ for name, fn, ptrs, floats, const in KERNELS:
         early = memory_ops_before(ptx, "griddepcontrol.wait")
         assert not early, (name, early)
         pre = ptx.find("cp.async.bulk.prefetch.L2.global")
-        if name in ("tiled", "tiled_early", "splitk", "tiled_ln", "splitk_ln", "ln_tiled"):
+        if name in ("tiled", "tiled_early", "splitk", "splitk_early", "tiled_ln", "splitk_ln", "ln_tiled"):
             assert 0 < pre < wait, name       # the weight rows are asked for before the wait
         else:
             assert pre < 0, name

@@ -148,7 +148,7 @@ def config_name(c: dict) -> str:
                 + (f"-c{c['CTAS_PER_SM']}" if c.get("CTAS_PER_SM", 1) > 1 else "")
                 + ("-ws" if c.get("WARP_SPECIALIZE") else ""))
     if kind == "splitk":
-        return f"triton-splitk{c['SPLIT_K']}:{tiles}"
+        return f"triton-splitk{c['SPLIT_K']}:{tiles}" + ("-early" if c.get("EARLY_EPI") else "")
     return f"triton:{tiles}-g{c.get('GROUP_M', 8)}" + ("-early" if c.get("EARLY_EPI") else "")
 
 
@@ -574,8 +574,11 @@ def _build(interpret: bool) -> dict:
                                   HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                   BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
                                   USE_PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                                  LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16):
-        # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split
+                                  LN_TAIL: tl.constexpr = False, LN_BLOCK: tl.constexpr = 16,
+                                  EARLY_EPI: tl.constexpr = False):
+        # grid (tiles, SPLIT_K); k_per_split is a multiple of BLOCK_K; EVEN_K: K == SPLIT_K * k_per_split.
+        # EARLY_EPI: every program loads the epilogue's inputs before its main loop (as the tiled kernel's), so
+        # the last one to arrive has them when it takes the total
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), 1)   # row-major tile order
@@ -584,6 +587,9 @@ def _build(interpret: bool) -> dict:
         k0 = pid_k * k_per_split
         if USE_PDL:   # this program's K slice of its weight rows (the last slice may be shorter, or empty)
             _pdl_wait(w_ptr + rn.to(tl.int64) * stride_wn + k0, tl.minimum(k_per_split, K - k0), PREFETCH)
+        if EARLY_EPI:
+            e_alpha, e_bias, e_inv, e_res = _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr,
+                                                             res_ptr, stride_rm, HAS_BIAS, OUT_KIND, HAS_RES)
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k0 + offs_k)[None, :]
         w_ptrs = w_ptr + rn[None, :].to(tl.int64) * stride_wn + (k0 + offs_k)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -611,8 +617,12 @@ def _build(interpret: bool) -> dict:
             # the last of the SPLIT_K programs: every partial sum is in; take the total and leave zeros
             total = tl.atomic_xchg(ws_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), mask=mask, sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
-            _store_tile(total, offs_m, offs_n, M, N, out_ptr, stride_om, alpha_ptr, bias_ptr, inv_ptr, res_ptr,
-                        stride_rm, HAS_BIAS, ACT, OUT_KIND, HAS_RES)
+            if not EARLY_EPI:
+                e_alpha, e_bias, e_inv, e_res = _epilogue_inputs(offs_m, offs_n, M, N, alpha_ptr, bias_ptr, inv_ptr,
+                                                                 res_ptr, stride_rm, HAS_BIAS, OUT_KIND, HAS_RES)
+            res = _epilogue_apply(total, e_alpha, e_bias, e_inv, e_res, HAS_BIAS, ACT, OUT_KIND,
+                                  out_ptr.dtype.element_ty, HAS_RES)
+            _store_out(res, offs_m, offs_n, M, N, out_ptr, stride_om)
             if LN_TAIL:   # the tile is complete: it counts as one arrival of its row block
                 _ln_tail(pid_m, N, out_ptr, stride_om, ln_cnt_ptr, ln_g_ptr, ln_b_ptr, ln_eps, ln_qinv_ptr, ln_q_ptr,
                          stride_qm, M, BLOCK_M, BLOCK_N, LN_BLOCK)
@@ -795,9 +805,9 @@ _splitk_ws = _SplitKWorkspace()
 
 
 def early_epilogue() -> bool | None:
-    """LSQUANT_EARLY_EPI: "1" makes every tiled call load its epilogue's inputs (alpha, bias, the output's
-    1/scale, the residual tile) before its main loop, "0" none; unset (None), a config's "EARLY_EPI" decides (the
-    tuner offers tiled configs both ways: :func:`early_variants`). Same values either way."""
+    """LSQUANT_EARLY_EPI: "1" makes every call of the tiled and split-K kernels load its epilogue's inputs (alpha,
+    bias, the output's 1/scale, the residual tile) before its main loop, "0" none; unset (None), a config's
+    "EARLY_EPI" decides (the tuner offers configs both ways: :func:`early_variants`). Same values either way."""
     v = os.environ.get("LSQUANT_EARLY_EPI", "").strip().lower()
     if v in ("1", "true", "on", "yes"):
         return True
@@ -812,11 +822,14 @@ def _early(config: dict) -> bool:
 
 
 def early_variants(configs: list[dict], n: int = 2) -> list[dict]:
-    """The first n tiled configs again with EARLY_EPI (none where LSQUANT_EARLY_EPI is set: then every tiled
-    call is one or the other)."""
+    """The first n tiled and the first n split-K configs of configs again with EARLY_EPI (none where
+    LSQUANT_EARLY_EPI is set: then every call of those kernels is one or the other)."""
     if early_epilogue() is not None:
         return []
-    return [dict(c, EARLY_EPI=True) for c in configs if c.get("KERNEL", "tiled") == "tiled"][:n]
+    out = []
+    for kind in ("tiled", "splitk"):
+        out += [dict(c, EARLY_EPI=True) for c in configs if c.get("KERNEL", "tiled") == kind][:n]
+    return out
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -928,7 +941,7 @@ def int8_linear_triton(x2: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | 
             x2, w, out, alpha_, bias_, inv_, res_, ws, cnt, M, N, K, x2.stride(0), w.stride(0), out.stride(0),
             stride_r, k_per_split, *ln_args, cnt[tiles:] if row_cnt else d, **epi, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_K=bk, SPLIT_K=split, EVEN_K=(K == split * k_per_split), num_warps=c["num_warps"],
-            num_stages=c["num_stages"], enable_fp_fusion=False, **ln_kw, **_pdl_args(x2, w))
+            num_stages=c["num_stages"], enable_fp_fusion=False, EARLY_EPI=_early(c), **ln_kw, **_pdl_args(x2, w))
         return out
 
     # the tiled kernel (also where a TMA config meets K % 16 != 0: same tiles, pointer loads)

@@ -301,30 +301,28 @@ def choice_name(choice: dict) -> str:
 
 def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: int = 6, n_tma: int = 4,
                       n_ws: int = 1, n_splitk: int = 2) -> list[dict]:
-    """The Triton choices for this shape: n_triton tiled configs, the first two also with EARLY_EPI (unless
-    LSQUANT_EARLY_EPI is set); on sm_90+ with tensor descriptors, n_tma persistent TMA configs and n_ws
-    warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227 KiB for this output type); n_splitk
-    split-K configs (M <= 1024, where splitting K fills more SMs).
+    """The Triton choices for this shape: n_triton tiled configs; on sm_90+ with tensor descriptors, n_tma
+    persistent TMA configs and n_ws warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227 KiB for
+    this output type); n_splitk split-K configs (M <= 1024, where splitting K fills more SMs); the first two tiled
+    and split-K configs also with EARLY_EPI (unless LSQUANT_EARLY_EPI is set).
     [] without Triton or a GPU; never raises (a variant that cannot be offered is just left out)."""
     from . import gemm_triton
 
     if not gemm_triton.available():
         log.info("Triton not available: no Triton candidates")
         return []
-    tiled = gemm_triton.candidate_configs(M, N, K, n_triton)
-    # the best-ranked tiled configs also with their epilogue's loads before the main loop (same values)
-    out = [{"backend": "triton", "config": c} for c in tiled + gemm_triton.early_variants(tiled)]
+    cfgs = gemm_triton.candidate_configs(M, N, K, n_triton)
     try:
         sms = gemm_triton.num_sms()
         tma = gemm_triton.tma_available()
         ws = tma and gemm_triton.warp_specialize_available()
         out_bytes = torch.empty((), dtype=out_dtype).element_size()
-        out += [{"backend": "triton", "config": c} for c in gemm_triton.variant_configs(
-            M, N, K, num_sms=sms, out_bytes=out_bytes, n_tma=n_tma if tma else 0, n_ws=n_ws if ws else 0,
-            n_splitk=n_splitk, tma=tma, ws=ws)]
+        cfgs += gemm_triton.variant_configs(M, N, K, num_sms=sms, out_bytes=out_bytes, n_tma=n_tma if tma else 0,
+                                            n_ws=n_ws if ws else 0, n_splitk=n_splitk, tma=tma, ws=ws)
     except Exception as e:  # a probe that fails leaves the tiled kernel's candidates
         log.warning("Triton TMA / split-K candidates unavailable for M=%d N=%d K=%d: %s", M, N, K, e)
-    return out
+    # the best-ranked tiled and split-K configs also with their epilogue's loads before the main loop (same values)
+    return [{"backend": "triton", "config": c} for c in cfgs + gemm_triton.early_variants(cfgs)]
 
 
 # every backend the tuner knows; each is skipped where it is not available
