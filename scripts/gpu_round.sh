@@ -137,7 +137,6 @@ for pair in 1 2; do
 done
 # the default: the tuner times the two best tiled configs both ways and keeps the faster
 bench base_tuned -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
-bench big_tuned -- --models big --batches 1 8 32 --impls lsquant_int8 lsquant_fp16
 python3 scripts/round_table.py "$W" --base base_plain1 > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
