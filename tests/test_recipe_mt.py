@@ -132,3 +132,15 @@ def test_bf16_training_keeps_fp32_master_weights_and_resumes(tmp_path, monkeypat
 def test_float16_training_is_refused_with_a_reason(tmp_path):
     with pytest.raises(ValueError, match="bfloat16"):
         pipeline.train(_cfg(tmp_path, "fp16", dtype="float16"))
+
+
+def test_engine_dtypes_from_the_recipe():
+    """infer_dtype / infer_logits_dtype: "auto" leaves the engine's default; a dtype name is passed on (the logits
+    one to int8 engines only); anything else is refused naming the field and the allowed values."""
+    cfg = RecipeConfig()
+    assert pipeline.engine_dtypes(cfg, True) == {} and pipeline.engine_dtypes(cfg, False) == {}
+    cfg = RecipeConfig(infer_dtype="float32", infer_logits_dtype="float16")
+    assert pipeline.engine_dtypes(cfg, True) == {"dtype": torch.float32, "logits_dtype": torch.float16}
+    assert pipeline.engine_dtypes(cfg, False) == {"dtype": torch.float32}
+    with pytest.raises(ValueError, match="infer_dtype must be 'auto' or one of"):
+        RecipeConfig(infer_dtype="fp8")     # at construction: before any training

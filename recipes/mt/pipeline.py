@@ -64,12 +64,19 @@ class RecipeConfig:
     ptq_method: str = "percentile"
     beam_size: int = 4
     infer_batch_size: int = 128
+    # the engines' activation dtype ("auto": fp16 on CUDA, fp32 on the CPU; "float32": an int8 engine's greedy
+    # tokens then match the fake-quant model's, see README) and an int8 engine's logits dtype ("auto": the same)
+    infer_dtype: str = "auto"
+    infer_logits_dtype: str = "auto"
     dtype: str = "float32"             # model (and layer) dtype; bfloat16/float16 train with fp32 master weights
     device: str = "auto"
     seed: int = 1
     limit_train: int | None = None     # first N training pairs only (smoke runs)
     limit_test: int | None = None      # first N sentences of each test split only (smoke runs)
     version: int = 1
+
+    def __post_init__(self):
+        engine_dtypes(self, True)   # a misspelt dtype fails here, not after training
 
     @property
     def root(self) -> Path:
@@ -296,6 +303,25 @@ def translate(engine, tok: MTTokenizer, sentences: list[str], batch_size: int, b
     return out, len(src) / max(time.perf_counter() - t0, 1e-9)
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def engine_dtypes(cfg: RecipeConfig, int8: bool) -> dict:
+    """The engine keyword arguments of cfg.infer_dtype and cfg.infer_logits_dtype ("auto": left to the engine);
+    the logits dtype applies to int8 engines only."""
+    kw = {}
+    for field_, key in (("infer_dtype", "dtype"), ("infer_logits_dtype", "logits_dtype")):
+        value = getattr(cfg, field_)
+        if value == "auto":
+            continue
+        if value not in _DTYPES:
+            raise ValueError(f"{field_} must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+        if key == "logits_dtype" and not int8:
+            continue
+        kw[key] = _DTYPES[value]
+    return kw
+
+
 def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...] | None = None) -> dict:
     """BLEU (sacreBLEU, detokenised) of each export on each split, sentences/s, file sizes."""
     from lsquant.eval.bleu import corpus_bleu
@@ -307,8 +333,9 @@ def evaluate(cfg: RecipeConfig, exports: dict[str, Path], splits: tuple[str, ...
     for name, path in exports.items():
         from lsquant.export import read_header
 
-        kind = QuantTransformer if read_header(path)["precision"] == "int8" else FloatEngine
-        eng = kind(path, max_batch_size=cfg.infer_batch_size, beam_size=cfg.beam_size)
+        int8 = read_header(path)["precision"] == "int8"
+        kind = QuantTransformer if int8 else FloatEngine
+        eng = kind(path, max_batch_size=cfg.infer_batch_size, beam_size=cfg.beam_size, **engine_dtypes(cfg, int8))
         row = {"file_MB": round(Path(path).stat().st_size / 2**20, 2)}
         for split in splits or cfg.test_splits:
             srcs, refs = load_pairs(cfg, split, cfg.limit_test)
