@@ -96,6 +96,23 @@ def test_int8_engine_equals_qat_model(trained, test_src, tmp_path):
     assert fp.tensors["encoder/0/qkv/weight"].dtype == np.int8
 
 
+def test_tuning_marks_the_linears_that_take_a_residual(trained, tmp_path):
+    """The engine tunes the linears that end a sublayer (attention output, cross-attention output, FFN2) with the
+    residual in their epilogue, as it calls them; the others without."""
+    qat = Transformer.load(trained.save(tmp_path / "m.pt")).eval()
+    lsquant.calibrate(qat, [b[:2] for b in _copy_batches(2, seed=5)], method="max", progress=False)
+    qat.apply(lsquant.enable_quant)
+    eng = QuantTransformer(export_transformer(qat, tmp_path / "q.h5", "int8"), max_batch_size=4)
+    flags = {}
+    for stack, lin, residual in eng._linears():
+        flags.setdefault(residual, set()).add(stack)
+    names = {id(L[n].lin): n for layers in (eng.enc, eng.dec) for L in layers for n in L if hasattr(L[n], "lin")}
+    marked = {names.get(id(lin), "proj") for _, lin, residual in eng._linears() if residual}
+    assert marked == {"attn_out", "cross_out", "fc2"}
+    assert flags[True] == {"encoder", "decoder"} and "projection" in flags[False]
+    assert [(s, lin) for s, lin, _ in eng._linears()] == eng.linears()
+
+
 def test_int8_engine_with_fp16_logits(trained, test_src, tmp_path):
     """logits_dtype: the projection writes fp16 logits in an fp32 engine; the search reads them as the model's
     logits rounded to fp16 (greedy: the argmax of the rounded logits). Only the int8 engine takes it."""

@@ -458,11 +458,11 @@ def test_tuner_keeps_fastest_verified_candidate(monkeypatch):
     rejected or lose; the fastest correct one wins; the default is always timed."""
     prob = T.Problem(40, 24, 64, torch.int8, "relu", True, n_sets=2, device="cpu")
 
-    def fake_run(layer, x, choice):
+    def fake_run(layer, x, choice, residual=None):
         kind = choice.get("fake")
         if kind == "crash":
             raise RuntimeError("kernel launch failed")
-        y = layer(x)  # the CPU reference path
+        y = layer(x, residual=residual)  # the CPU reference path
         if kind == "wrong":
             y = y.clone()
             y[0, 0] = y[0, 0] + 1 if y[0, 0] < 127 else y[0, 0] - 1
@@ -486,6 +486,37 @@ def test_tuner_keeps_fastest_verified_candidate(monkeypatch):
     assert "fast-but-wrong" in r.rejected and "wrong output" in r.rejected["fast-but-wrong"]
     assert "crash" in r.rejected and "kernel launch failed" in r.rejected["crash"]
     assert "slow" in r.timings
+
+
+def test_tuner_verifies_and_times_with_the_residual(monkeypatch):
+    """has_residual: every candidate runs with the problem's residual (a kernel that drops it is rejected as
+    wrong), is timed with it, and the reference includes it; only float outputs take one."""
+    prob = T.Problem(24, 40, 64, torch.float32, "relu", True, n_sets=2, device="cpu", has_residual=True)
+    assert all(r is not None and r.shape == (24, 40) and r.dtype == torch.float32 for r in prob.residuals)
+    layer, x, r = prob.layers[0], prob.xs[0], prob.residuals[0]
+    assert torch.equal(prob.reference(0), layer(x, residual=r))
+    seen = []
+
+    def fake_run(layer, x, choice, residual=None):
+        seen.append(residual is not None)
+        return layer(x, residual=None if choice.get("fake") == "drops" else residual)
+
+    cands = [G.default_choice(), {"backend": "drops", "fake": "drops"}, {"backend": "keeps", "fake": "keeps"}]
+    names = {"drops": "drops", "keeps": "keeps"}
+    timed = []
+    from lsquant.inference import gemm_triton
+
+    monkeypatch.setattr(gemm_triton, "available", lambda: False)
+    monkeypatch.setattr(T, "candidates", lambda *a, **k: cands)
+    monkeypatch.setattr(T, "run_choice", fake_run)
+    monkeypatch.setattr(T, "choice_name", lambda c: names.get(c["backend"], G.choice_name(c)))
+    monkeypatch.setattr(T, "time_fn", lambda fn, args, **k: timed.append(all(a[3] is not None for a in args))
+                        or {"keeps": 1.0}.get(T.choice_name(args[0][2]), 2.0))
+    res = T.tune_shape(24, 40, 64, torch.float32, "relu", problem=prob)
+    assert res.name == "keeps" and "drops" in res.rejected and "wrong output" in res.rejected["drops"]
+    assert all(seen) and timed and all(timed)
+    with pytest.raises(ValueError, match="float output"):
+        T.Problem(8, 16, 32, torch.int8, n_sets=1, device="cpu", has_residual=True)
 
 
 def test_problem_reference_is_exact_cpu():

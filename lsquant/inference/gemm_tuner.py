@@ -456,8 +456,10 @@ class Problem:
     n_sets: int = 2
     seed: int = 0
     device: str = "cuda"  # "cpu" only in the tuner's own unit tests
+    has_residual: bool = False   # a residual (M, N) added in the epilogue (float outputs), as the layer is served
     layers: list = field(default_factory=list)
     xs: list = field(default_factory=list)
+    residuals: list = field(default_factory=list)   # per set: (M, N) of out_dtype, or None
 
     def __post_init__(self):
         dev = self.device
@@ -471,6 +473,8 @@ class Problem:
             return (v * sign).to(torch.int8)
 
         scaled = self.out_dtype != torch.int32
+        if self.has_residual and not self.out_dtype.is_floating_point:
+            raise ValueError(f"a residual needs a float output, not {self.out_dtype}")
         for i in range(self.n_sets):
             w = rand_i8(N, K)
             w_clip = (torch.rand(N, device=dev, generator=g) + 0.5) * 0.1 if scaled else None
@@ -485,20 +489,29 @@ class Problem:
                                           activation=self.activation if scaled else "none",
                                           out_dtype=self.out_dtype, out_clip=out_clip))
             self.xs.append(rand_i8(M, K))
+            # a residual about the outputs' own scale (std ~0.07 sqrt(K) here): the add rounds as served
+            self.residuals.append(
+                (torch.randn(M, N, device=dev, generator=g) * (0.1 * math.sqrt(K))).to(self.out_dtype)
+                if self.has_residual else None)
+
+    def args(self, choice: dict) -> list[tuple]:
+        """run_choice's arguments for each set: (layer, x, choice, residual)."""
+        return [(self.layers[i], self.xs[i], choice, self.residuals[i]) for i in range(self.n_sets)]
 
     def reference(self, i: int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Exact reference output of set i (optionally only some rows), computed on the GPU in fp64."""
-        layer, x = self.layers[i], self.xs[i]
+        layer, x, r = self.layers[i], self.xs[i], self.residuals[i]
         if rows is not None:
             x = x[rows.to(x.device)]
+            r = r[rows.to(r.device)] if r is not None else None
         acc = (x.double() @ layer.weight.double().t()).to(torch.int32)
-        return epilogue_ref(acc, layer.alpha, layer.bias32, layer.activation, self.out_dtype, layer.out_clip_t)
+        return epilogue_ref(acc, layer.alpha, layer.bias32, layer.activation, self.out_dtype, layer.out_clip_t, r)
 
     def torch_precision_error(self, i: int = 0, rows=None) -> float:
         """Max abs error of PyTorch's own fp16/bf16 GEMM (on dequantized operands) vs the reference: the
         yardstick of float outputs (DESIGN.md: float kernels within twice PyTorch's error)."""
         layer, x = self.layers[i], self.xs[i]
-        y = run_choice(layer, x, {"backend": "dequant"})
+        y = run_choice(layer, x, {"backend": "dequant"}, self.residuals[i])
         ref = self.reference(i, rows)
         if rows is not None:
             y = y[rows.to(y.device)]
@@ -550,13 +563,19 @@ class TuneResult:
 
 def tune_shape(M: int, N: int, K: int, out_dtype: torch.dtype = torch.bfloat16, activation: str = "none",
                has_bias: bool = True, backends=BACKENDS, quick_iters: int = 5,
-               final_iters: int = 20, top: int = 3, problem: Problem | None = None) -> TuneResult:
-    """Tune one shape; never raises because of a candidate (failures are recorded in ``rejected``)."""
+               final_iters: int = 20, top: int = 3, problem: Problem | None = None,
+               has_residual: bool = False) -> TuneResult:
+    """Tune one shape; never raises because of a candidate (failures are recorded in ``rejected``).
+    has_residual: verify and time every candidate with a residual added in its epilogue, as a layer called
+    with ``residual=`` runs (a Triton kernel with the residual is another specialization, with its own
+    registers, shared memory and time); a choice verified so serves calls without a residual too."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}")
     if problem is None:
-        bytes_per_set = M * K + N * K + M * N * (4 if out_dtype in (torch.int32, torch.float32) else 2)
-        problem = Problem(M, N, K, out_dtype, activation, has_bias, n_sets=n_rotating_sets(bytes_per_set))
+        out_bytes = 4 if out_dtype in (torch.int32, torch.float32) else 2
+        bytes_per_set = M * K + N * K + M * N * out_bytes * (2 if has_residual else 1)
+        problem = Problem(M, N, K, out_dtype, activation, has_bias, n_sets=n_rotating_sets(bytes_per_set),
+                          has_residual=has_residual)
     rows = check_rows(M)
     ref = problem.reference(0, rows)
     float_tol = 0.0
@@ -576,7 +595,7 @@ def tune_shape(M: int, N: int, K: int, out_dtype: torch.dtype = torch.bfloat16, 
         if name in timings or name in rejected:
             continue
         try:
-            y = run_choice(problem.layers[0], problem.xs[0], cand)
+            y = run_choice(*problem.args(cand)[0])
             _sync()
             if rows is not None:
                 y = y[rows.to(y.device)]
@@ -586,8 +605,7 @@ def tune_shape(M: int, N: int, K: int, out_dtype: torch.dtype = torch.bfloat16, 
                 log.warning("int8 GEMM candidate %s rejected for M=%d N=%d K=%d %s: %s", name, M, N, K,
                             out_name(out_dtype), detail)
                 continue
-            args = [(problem.layers[i], problem.xs[i], cand) for i in range(problem.n_sets)]
-            timings[name] = time_fn(run_choice, args, iters=quick_iters, reps=3)
+            timings[name] = time_fn(run_choice, problem.args(cand), iters=quick_iters, reps=3)
             ok_cands.append(cand)
         except Exception as e:
             rejected[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -607,9 +625,8 @@ def tune_shape(M: int, N: int, K: int, out_dtype: torch.dtype = torch.bfloat16, 
         finalists.append(default)  # the default is re-timed too: the speedup is measured fairly
     for cand in finalists:
         name = choice_name(cand)
-        args = [(problem.layers[i], problem.xs[i], cand) for i in range(problem.n_sets)]
         try:
-            timings[name] = time_fn(run_choice, args, iters=final_iters, reps=5)
+            timings[name] = time_fn(run_choice, problem.args(cand), iters=final_iters, reps=5)
         except Exception as e:
             rejected[name] = f"{type(e).__name__}: {e}"
             timings.pop(name, None)
@@ -672,7 +689,9 @@ def tune_model(hidden: int, ffn: int | None = None, vocab: int | None = None, he
             bar.set_postfix_str(f"{name} M={M} N={N} K={K}")
         elif progress:
             print_fn(f"[{i + 1}/{len(jobs)}] {name} M={M} N={N} K={K}")
-        r = tune_shape(M, N, K, out_dtype, activation, has_bias, backends)
+        # the linears that end a sublayer add the residual in their epilogue (float outputs)
+        residual = name in ("attn_out", "ffn2") and out_dtype.is_floating_point
+        r = tune_shape(M, N, K, out_dtype, activation, has_bias, backends, has_residual=residual)
         cache.put(M, N, K, out_dtype, r.choice, ms=round(r.ms, 5), default_ms=round(r.default_ms, 5),
                   tops=round(r.tops, 1), M_tuned=M)
         cache.save()

@@ -39,6 +39,8 @@ from .gemm import Int8Linear, ln_tail, side_stream
 
 _ENC = ("qkv", "attn_out", "fc1", "fc2")
 _DEC = ("qkv", "attn_out", "cross_q", "cross_kv", "cross_out", "fc1", "fc2")
+# the linears that end a sublayer: called with the residual added in their epilogue (_sublayer)
+_RESIDUAL = ("attn_out", "cross_out", "fc2")
 
 
 class _Normed:
@@ -479,14 +481,18 @@ class _Engine:
     def linears(self) -> list[tuple[str, Int8Linear]]:
         """The engine's int8 linears as (stack, layer): stack "encoder" and "cross_kv" run on batch x source
         tokens, "decoder" and "projection" on batch x beams rows per step."""
+        return [(stack, lin) for stack, lin, _ in self._linears()]
+
+    def _linears(self) -> list[tuple[str, Int8Linear, bool]]:
+        """linears() with, for each, whether it is called with a residual (the last linear of a sublayer)."""
         out = []
         for stack, layers in (("encoder", self.enc), ("decoder", self.dec)):
             for L in layers:
                 for name, lin in L.items():
                     if isinstance(lin, _Linear) and lin.int8:
-                        out.append(("cross_kv" if name == "cross_kv" else stack, lin.lin))
+                        out.append(("cross_kv" if name == "cross_kv" else stack, lin.lin, name in _RESIDUAL))
         if self.proj is not None:
-            out.append(("projection", self.proj))
+            out.append(("projection", self.proj, False))
         return out
 
     def tune(self, batch_sizes, src_len: int, beam_size: int | None = None, cache=None, progress: bool = True,
@@ -502,17 +508,19 @@ class _Engine:
         cache = cache if cache is not None else global_cache()
         K = beam_size or self.beam_size
         jobs = {}
-        for stack, lin in self.linears():
+        for stack, lin, residual in self._linears():
             for B in batch_sizes:
                 M = B * src_len if stack in ("encoder", "cross_kv") else B * K
                 key = (m_bucket(M), lin.N, lin.K, lin.out_dtype)
                 if key not in jobs:
-                    jobs[key] = (M, lin.activation, lin.bias32 is not None)
+                    jobs[key] = (M, lin.activation, lin.bias32 is not None, residual)
+                elif residual:   # one choice serves the key: verified with the residual, it serves both kinds
+                    jobs[key] = jobs[key][:3] + (True,)
         results = []
-        for i, ((_, N, Kd, out), (M, act, has_bias)) in enumerate(sorted(jobs.items(), key=str)):
+        for i, ((_, N, Kd, out), (M, act, has_bias, residual)) in enumerate(sorted(jobs.items(), key=str)):
             if progress:
-                print_fn(f"[{i + 1}/{len(jobs)}] tuning M={M} N={N} K={Kd} {out}")
-            r = tune_shape(M, N, Kd, out, act, has_bias)
+                print_fn(f"[{i + 1}/{len(jobs)}] tuning M={M} N={N} K={Kd} {out}{' + residual' if residual else ''}")
+            r = tune_shape(M, N, Kd, out, act, has_bias, has_residual=residual)
             cache.put(M, N, Kd, out, r.choice, ms=round(r.ms, 5), default_ms=round(r.default_ms, 5),
                       tops=round(r.tops, 1), M_tuned=M)
             results.append(r)
