@@ -127,9 +127,10 @@ done
 pack
 elif [ "$PART" = early ]; then
 # (~8 min) the tiled GEMM with its epilogue's loads before the main loop (LSQUANT_EARLY_EPI=1) against after it (=0),
-# in two interleaved A/B pairs (runs of one configuration differ by up to 8%), after its cuda tests
-run tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py -k "variants_exact or residual" \
-  tests/test_pdl.py
+# in two interleaved A/B pairs (runs of one configuration differ by up to 8%), after its cuda tests and the tuner's
+# (candidates now verified with the residual where the engine adds one)
+run tests 240 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py tests/test_pdl.py \
+  tests/test_engine_transformer.py -k "variants_exact or residual or tune or candidate or pdl"
 grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20; tail -1 "$W/tests.log"
 for pair in 1 2; do
   bench "base_plain$pair" LSQUANT_EARLY_EPI=0 -- --models base --batches 1 8 32 128 --impls lsquant_int8
