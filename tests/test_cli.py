@@ -28,7 +28,10 @@ def test_env_reports_the_machine_and_the_settings(capsys, monkeypatch, tmp_path)
     import json
 
     cache = tmp_path / "tune.json"
-    cache.write_text(json.dumps({"version": 1, "envs": {"cpu|x": {"a": {}, "b": {}}, "other GPU|y": {"c": {}}}}))
+    from lsquant.inference.gemm_tuner import CACHE_VERSION
+
+    cache.write_text(json.dumps({"version": CACHE_VERSION,
+                                 "envs": {"cpu|x": {"a": {}, "b": {}}, "other GPU|y": {"c": {}}}}))
     monkeypatch.setenv("LSQUANT_GEMM_CACHE", str(cache))
     monkeypatch.setenv("LSQUANT_LN_GEMM", "1")
     monkeypatch.delenv("LSQUANT_PDL", raising=False)

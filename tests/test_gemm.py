@@ -202,7 +202,8 @@ def test_cache_save_merges_with_other_writers(tmp_path):
     assert c.lookup(8, 1024, 4096, torch.int8, nearest=False) == LT_CHOICE
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 999, "envs": {}}', ""])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"version": 999, "envs": {}}', "",
+                                     '{"version": 1, "envs": {}}'])
 def test_cache_corrupt_gives_warning_and_default(tmp_path, content):
     path = tmp_path / "tune.json"
     path.write_text(content)

@@ -50,7 +50,9 @@ from .gemm import choice_name as _gemm_choice_name
 
 log = logging.getLogger("lsquant.gemm")
 
-CACHE_VERSION = 1
+# 2: the linears that add a residual in their epilogue are tuned with it (version 1 timed them without, and a
+# choice could fail once the residual was added)
+CACHE_VERSION = 2
 CACHE_ENV_VAR = "LSQUANT_GEMM_CACHE"
 
 
@@ -135,6 +137,8 @@ class TuningCache:
             return self._empty()
         try:
             data = json.loads(self.path.read_text())
+            if isinstance(data, dict) and data.get("version") == 1:
+                raise ValueError("tuned by an older lsquant, which timed the residual GEMMs without their residual")
             if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(
                     data.get("envs"), dict):
                 raise ValueError(f"not a version-{CACHE_VERSION} lsquant GEMM cache")
