@@ -1,6 +1,6 @@
-"""Where the int8 engine's peak GPU memory goes at one batch size, source length by source length: the engine's
-allocated bytes after construction and after each request, the peak during it, and the largest live blocks at the
-peak with the Python frames that allocated them (torch.cuda.memory snapshots).
+"""Where the int8 engine's GPU memory goes at one batch size, source length by source length: the engine's
+allocated bytes after construction and after each request, the peak during it, and after each source length the
+live blocks summed by the memory pool and the Python frames that allocated them (torch.cuda.memory snapshots).
 
     python scripts/diag_memory.py [--model base] [--batch 128] [--src-lens 16 32 64] [--method beam]
 """

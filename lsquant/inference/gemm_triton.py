@@ -6,8 +6,8 @@ picks an Ampere-generation kernel on H100. Triton lowers ``tl.dot`` on int8 to H
 BLOCK_M >= 64) and applies the epilogue in registers; measured elsewhere on an H100, Inductor's Triton int8
 reached 1166 TOPS at 8192^3 where cuBLASLt gave 900-950.
 
-Three kernels, one epilogue (``_epilogue``, shared, so every variant rounds alike; on an H100 every variant's
-output equaled the tiled kernel's bit for bit, float and GELU included):
+Three kernels, one epilogue (``_epilogue_inputs`` and ``_epilogue_apply``, shared, so every variant rounds alike;
+on an H100 every variant's output equaled the tiled kernel's bit for bit, float and GELU included):
 
 - ``tiled`` (config without ``KERNEL``): one program per output tile, pointer loads (cp.async pipeline).
   Its 128x128x128 3-stage config takes 96 KiB, so two programs share an SM and one's epilogue overlaps the
