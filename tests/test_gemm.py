@@ -632,17 +632,17 @@ def test_cublaslt_refuses_an_algorithm_id_it_does_not_offer(monkeypatch):
 # small tiles keep the interpreter fast; each kind of kernel, TMA with both epilogue forms
 INTERP_CONFIGS = {
     "tiled": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2},
-    # the epilogue's inputs loaded before the main loop (LSQUANT_EARLY_EPI)
-    "tiled-early": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2,
-                    "EARLY_EPI": True},
+    # the epilogue's inputs loaded after the main loop (LSQUANT_EARLY_EPI=0; before it is the default)
+    "tiled-late": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "GROUP_M": 2,
+                   "EARLY_EPI": False},
     "tma-e2": {"KERNEL": "tma", "BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
                "GROUP_M": 2, "EPI_SUBTILE": 2, "WARP_SPECIALIZE": False},
     "tma-ws": {"KERNEL": "tma", "BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3,
                "GROUP_M": 1, "EPI_SUBTILE": 1, "WARP_SPECIALIZE": True},
     "splitk": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2,
                "GROUP_M": 1, "SPLIT_K": 4},
-    "splitk-early": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4,
-                     "num_stages": 2, "GROUP_M": 1, "SPLIT_K": 4, "EARLY_EPI": True},
+    "splitk-late": {"KERNEL": "splitk", "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4,
+                    "num_stages": 2, "GROUP_M": 1, "SPLIT_K": 4, "EARLY_EPI": False},
 }
 
 
@@ -766,27 +766,27 @@ def test_tuner_names_triton_kernels_apart():
     assert T.choice_name(LT_CHOICE) == G.choice_name(LT_CHOICE)
 
 
-def test_early_epilogue_switch_and_tuner_variants(monkeypatch):
-    """LSQUANT_EARLY_EPI: unset, each config decides and the tuner offers the first two tiled and split-K configs
-    also with their epilogue's loads first (named apart); "1" / "0" force every call one way and offer no
-    variants."""
+def test_early_epilogue_switch(monkeypatch):
+    """LSQUANT_EARLY_EPI: unset, a config's EARLY_EPI decides and a config without one loads its epilogue's inputs
+    first; a config that loads them last is named apart; "1" / "0" force every call one way; the tuner offers
+    each config once."""
     from lsquant.inference import gemm_triton as GT
 
     tiled = GT.candidate_configs(32, 1536, 512, limit=3)
-    tma = dict(tiled[0], KERNEL="tma")
-    splitk = [dict(c, KERNEL="splitk", SPLIT_K=s) for c, s in zip(tiled, (2, 4, 8))]
+    splitk = dict(tiled[0], KERNEL="splitk", SPLIT_K=4)
+    late = [dict(c, EARLY_EPI=False) for c in (tiled[0], splitk)]
     monkeypatch.delenv("LSQUANT_EARLY_EPI", raising=False)
     assert GT.early_epilogue() is None
-    early = GT.early_variants(tiled + [tma] + splitk)
-    assert early == [dict(c, EARLY_EPI=True) for c in tiled[:2] + splitk[:2]]
-    assert GT.config_name(early[2]) == GT.config_name(splitk[0]) + "-early"
-    assert GT.config_name(early[0]) == GT.config_name(tiled[0]) + "-early"
-    assert GT._early(early[0]) and not GT._early(tiled[0])
+    assert GT._early(tiled[0]) and GT._early(splitk) and GT._early(dict(tiled[0], EARLY_EPI=True))
+    assert not GT._early(late[0]) and not GT._early(late[1])
+    assert GT.config_name(late[0]) == GT.config_name(tiled[0]) + "-late"
+    assert GT.config_name(late[1]) == GT.config_name(splitk) + "-late"
+    assert GT.config_name(dict(tiled[0], EARLY_EPI=True)) == GT.config_name(tiled[0])
+    assert not hasattr(GT, "early_variants")
     for value, forced in (("1", True), ("on", True), ("0", False), ("off", False)):
         monkeypatch.setenv("LSQUANT_EARLY_EPI", value)
         assert GT.early_epilogue() is forced
-        assert GT.early_variants(tiled) == []
-        assert GT._early(early[0]) is forced and GT._early(tiled[0]) is forced
+        assert GT._early(late[0]) is forced and GT._early(tiled[0]) is forced
 
 
 # ---------------------------------------------------------------- Triton kernels (GPU) ----
@@ -808,7 +808,7 @@ def _variant_cases(M, N, K, out_dtype):
                                    (300, 1000, 250), (200, 1536, 512)])
 def test_cuda_triton_variants_exact(out_dtype, M, N, K):
     """Persistent TMA (plain and warp-specialized) and split-K kernels, and the tiled and split-K ones with
-    EARLY_EPI, on the GPU: int outputs equal the CPU reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
+    their epilogue's loads after the main loop, on the GPU: int outputs equal the CPU reference bit for bit; every output (float and GELU included) equals the tiled kernel's bit for bit
     (one epilogue, compiled without FMA contraction)."""
     from lsquant.inference import gemm_triton as GT
 
@@ -818,8 +818,8 @@ def test_cuda_triton_variants_exact(out_dtype, M, N, K):
     layer = _cuda_layer(N, K, out_dtype, act)
     x = rand_i8(M, K, device="cuda", nonzero=True)
     base_cfg, cfgs = _variant_cases(M, N, K, out_dtype)
-    # the tiled and split-K kernels with their epilogue's loads first
-    cfgs = cfgs + [dict(c, EARLY_EPI=True) for c in [base_cfg] + cfgs if c.get("KERNEL", "tiled") != "tma"]
+    # the tiled and split-K kernels with their epilogue's loads last (LSQUANT_EARLY_EPI=0; first is the default)
+    cfgs = cfgs + [dict(c, EARLY_EPI=False) for c in [base_cfg] + cfgs if c.get("KERNEL", "tiled") != "tma"]
     if M <= 64 and N >= 1000:
         assert any(c["KERNEL"] == "splitk" for c in cfgs), "split-K offered for decoding"
     if M > 64 and K % 16 == 0 and GT.tma_available():

@@ -307,8 +307,7 @@ def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: 
                       n_ws: int = 1, n_splitk: int = 2) -> list[dict]:
     """The Triton choices for this shape: n_triton tiled configs; on sm_90+ with tensor descriptors, n_tma
     persistent TMA configs and n_ws warp-specialized ones (M > 64, K % 16 == 0, shared memory within 227 KiB for
-    this output type); n_splitk split-K configs (M <= 1024, where splitting K fills more SMs); the first two tiled
-    and split-K configs also with EARLY_EPI (unless LSQUANT_EARLY_EPI is set).
+    this output type); n_splitk split-K configs (M <= 1024, where splitting K fills more SMs).
     [] without Triton or a GPU; never raises (a variant that cannot be offered is just left out)."""
     from . import gemm_triton
 
@@ -325,8 +324,7 @@ def triton_candidates(M: int, N: int, K: int, out_dtype: torch.dtype, n_triton: 
                                             n_ws=n_ws if ws else 0, n_splitk=n_splitk, tma=tma, ws=ws)
     except Exception as e:  # a probe that fails leaves the tiled kernel's candidates
         log.warning("Triton TMA / split-K candidates unavailable for M=%d N=%d K=%d: %s", M, N, K, e)
-    # the best-ranked tiled and split-K configs also with their epilogue's loads before the main loop (same values)
-    return [{"backend": "triton", "config": c} for c in cfgs + gemm_triton.early_variants(cfgs)]
+    return [{"backend": "triton", "config": c} for c in cfgs]
 
 
 # every backend the tuner knows; each is skipped where it is not available
