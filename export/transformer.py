@@ -9,6 +9,8 @@ Dataset names (L: a layer index; P: a linear):
     decoder/L/P/...                      P in qkv, attn_out, cross_q, cross_kv, cross_out, fc1, fc2
     {encoder,decoder}/L/<ln>/{weight, bias}               ln in attn_ln, (cross_ln), ffn_ln
     decoder/L/k_clip, decoder/L/v_clip   [] clips of the self-attention K/V cache (int8)
+    decoder/L/cross_k_clip, decoder/L/cross_v_clip  [] clips of the cross-attention K/V (int8, models with
+                                         quant_cross_kv: the config says whether the file has them)
     {encoder,decoder}_norm/{weight, bias} (pre-LN models)
 """
 from __future__ import annotations
@@ -71,8 +73,8 @@ def spec(cfg: dict, precision: str) -> dict[str, fmt.TensorSpec]:
                 out[f"{stack}/{i}/{ln}/weight"] = S((H,), FLOAT)
                 out[f"{stack}/{i}/{ln}/bias"] = S((H,), FLOAT)
             if int8 and stack == "decoder":
-                out[f"decoder/{i}/k_clip"] = S((), ("float32",), clip=True)
-                out[f"decoder/{i}/v_clip"] = S((), ("float32",), clip=True)
+                for kv in ("k", "v") + (("cross_k", "cross_v") if cfg.get("quant_cross_kv", False) else ()):
+                    out[f"decoder/{i}/{kv}_clip"] = S((), ("float32",), clip=True)
         if cfg["pre_layer_norm"]:
             out[f"{stack}_norm/weight"] = S((H,), FLOAT)
             out[f"{stack}_norm/bias"] = S((H,), FLOAT)
@@ -139,6 +141,9 @@ def tensors(model, precision: str = "int8", float_dtype=np.float16) -> dict[str,
             if int8 and stack == "decoder":
                 out[f"decoder/{i}/k_clip"] = _clip(layer.k_quantizer)
                 out[f"decoder/{i}/v_clip"] = _clip(layer.v_quantizer)
+                if c.quant_cross_kv:
+                    out[f"decoder/{i}/cross_k_clip"] = _clip(layer.cross_k_quantizer)
+                    out[f"decoder/{i}/cross_v_clip"] = _clip(layer.cross_v_quantizer)
         if c.pre_layer_norm:
             norm = getattr(model, f"{stack}_norm")
             out[f"{stack}_norm/weight"] = _np(norm.weight, float_dtype)

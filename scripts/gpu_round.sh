@@ -12,8 +12,8 @@
 #   MODEL=base bash scripts/gpu_round.sh final  (~4-7 min) issue 5's whole grid for one model at the defaults
 #   bash scripts/gpu_round.sh early      (~8 min) LSQUANT_EARLY_EPI=1 against =0 (two A/B pairs), then the tuner choosing
 #   bash scripts/gpu_round.sh memory     (~8 min) the tuned engine's memory after a source-64 request; sampling rows
-#   bash scripts/gpu_round.sh close      (~9 min) the cuda tests the early round's limit cut off, then the int8 and fp16
-#       engines over issue 5's grid (both models) with the epilogue's loads first by default
+#   bash scripts/gpu_round.sh close      (~10 min; MODELS=base, TESTS=0 for less) cuda tests of the int8 cross K/V and
+#       what the early round's limit cut off, then the int8 and fp16 engines over issue 5's grid, PyTorch at 32 / 128
 #   bash scripts/gpu_round.sh tests      (~4-9 min) the cuda tests of the decode step and the engines
 #   bash scripts/gpu_round.sh lnpdl_quick (~2 min) the same for base at batch 1 and 8
 #   bash scripts/gpu_round.sh gemm       (~9 min; carry .whl: the nvidia-cutlass wheel) the CUTLASS int8 GEMM
@@ -142,15 +142,26 @@ done
 bench base_tuned -- --models base --batches 1 8 32 128 --impls lsquant_int8 lsquant_fp16
 python3 scripts/round_table.py "$W" --base base_plain1 > "$W/table.md" 2>&1; cat "$W/table.md"; pack
 elif [ "$PART" = close ]; then
-# the GEMM cuda tests the early round's 240 s cut off (the residual on every backend, PDL, the engine tuned), then
-# the int8 and fp16 engines over issue 5's grid (beam 4 with 4-beam engines, sampling with 1-beam engines) at the
-# defaults (EARLY_EPI now on); PyTorch and Marian are unchanged since the final grid (engine_nvidia_h100_final.csv)
-run tests "${TEST_S:-170}" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_gemm.py tests/test_pdl.py \
-  tests/test_engine_transformer.py -k "residual or pdl or tune_picks"
-grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20; tail -1 "$W/tests.log"
-run engine_close "${FINAL_S:-400}" python3 bench/bench_engine.py --graph on --models base big \
-  --out "$W/engine_close.csv" --impls lsquant_int8 lsquant_fp16
-grep -v "^\[" "$W/engine_close.log" | grep "tok/s" | sed 's/^/   /'; pack
+# the cuda tests of what changed since the early round (the residual on every backend and PDL, which its 240 s cut
+# off; the cross-attention kernels with int8 K/V; the engines, whose int8 one now stores the cross K/V in int8),
+# then per model (MODELS="base big") the int8 and fp16 engines over issue 5's grid (beam 4 with 4-beam engines,
+# sampling with 1-beam engines) at the defaults, and PyTorch fp16 at batch 32 and 128 (where memory was missed)
+# side by side; TESTS=0 skips the tests
+if [ "${TESTS:-1}" = 1 ]; then
+  run tests "${TEST_S:-200}" python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_attention.py \
+    tests/test_engine_transformer.py tests/test_gemm.py tests/test_pdl.py \
+    -k "cross_attention_kernel_cuda or cuda_engines_match or cuda_graphs or tune_picks or pdl or residual_every or residual_errors"
+  grep -E "^(FAILED|ERROR)" "$W/tests.log" | head -20; tail -1 "$W/tests.log"
+fi
+for m in ${MODELS:-base big}; do
+  run "engine_close_$m" "${FINAL_S:-300}" python3 bench/bench_engine.py --graph on --models "$m" \
+    --out "$W/engine_close_$m.csv" --impls lsquant_int8 lsquant_fp16
+  grep -v "^\[" "$W/engine_close_$m.log" | grep "tok/s" | sed 's/^/   /'
+  run "engine_close_pt_$m" 150 python3 bench/bench_engine.py --models "$m" --batches 32 128 \
+    --out "$W/engine_close_pt_$m.csv" --impls pytorch_fp16
+  grep -v "^\[" "$W/engine_close_pt_$m.log" | grep "tok/s" | sed 's/^/   /'
+done
+pack
 elif [ "$PART" = lnpdl_quick ]; then
 # lnpdl in ~2 min: the LayerNorm's PDL cuda tests, base at batch 1 and 8 (int8 both ways, fp16 at the default)
 run tests 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_pdl.py tests/test_engine_transformer.py -k "layernorm or pdl"

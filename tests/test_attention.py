@@ -74,24 +74,31 @@ def test_self_attention_kernel_interpreted_int8_out(triton_interpreter):
     _check_self("cpu", 4, 2, 16, 20, 17, True, torch.float32, out_int8=True)
 
 
-def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
+def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False, int8_kv=False):
+    """int8_kv: the K/V stored in int8 with per-tensor K and V clips (a model with quant_cross_kv); the oracle
+    dequantizes them to fp32."""
     g = torch.Generator().manual_seed(1)
     N, H = B * beams, nH * D
     q = torch.randn(N, H, generator=g).to(device=device, dtype=dtype)
     kv = torch.randn(2, B, nH, S, D, generator=g).to(device=device, dtype=dtype)
+    kv_clip = None
+    if int8_kv:
+        kv_clip = torch.tensor([3.0, 2.5], device=device)
+        kv = ops.quantize(kv, kv_clip, axis=0)
     mask = torch.rand(B, S, generator=g) < 0.3
     mask[0] = True   # a sentence of padding only: zeros
     mask[-1, :] = False
     mask = mask.to(device)
     out_clip = torch.tensor(2.0, device=device) if out_int8 else None
-    ref = A.cross_attention_ref(q, kv, mask, beams, out_clip)
-    got = A.cross_attention(q, kv, mask, beams, out_clip)
+    ref = A.cross_attention_ref(q, kv, mask, beams, out_clip, kv_clip)
+    got = A.cross_attention(q, kv, mask, beams, out_clip, kv_clip=kv_clip)
+    kv32 = kv if int8_kv else kv.float()
     if out_int8:
-        oracle = A.cross_attention_ref(q.float(), kv.float(), mask, beams, out_clip)
+        oracle = A.cross_attention_ref(q.float(), kv32, mask, beams, out_clip, kv_clip)
         d_got, d_ref = (got.int() - oracle.int()).abs(), (ref.int() - oracle.int()).abs()
         assert d_got.max() <= 1 and (d_got > 0).float().mean() <= (d_ref > 0).float().mean() + 0.01
     else:
-        _no_worse(got, ref, A.cross_attention_ref(q.float(), kv.float(), mask, beams), dtype)
+        _no_worse(got, ref, A.cross_attention_ref(q.float(), kv32, mask, beams, kv_clip=kv_clip), dtype)
         if B > 1:
             assert got[:beams].abs().max() == 0
 
@@ -99,9 +106,20 @@ def _check_cross(device, B, beams, nH, D, S, dtype, out_int8=False):
 @pytest.mark.parametrize("per_sentence", ["0", "1"])
 @pytest.mark.parametrize("B,beams,nH,D,S", [(1, 1, 1, 8, 3), (3, 2, 2, 12, 37), (2, 5, 3, 20, 40), (2, 4, 2, 16, 1)])
 def test_cross_attention_kernel_interpreted(triton_interpreter, monkeypatch, per_sentence, B, beams, nH, D, S):
-    """The per-row kernel (the default) and, with LSQUANT_CROSS_BEAMS=1, the per-sentence one for beams > 1."""
+    """The per-row kernel (the default) and, with LSQUANT_CROSS_BEAMS=1, the per-sentence one for beams > 1;
+    int8 K/V (always the per-row kernel)."""
     monkeypatch.setenv("LSQUANT_CROSS_BEAMS", per_sentence)
     _check_cross("cpu", B, beams, nH, D, S, torch.float32)
+    _check_cross("cpu", B, beams, nH, D, S, torch.float32, int8_kv=True)
+
+
+def test_cross_attention_int8_kv_needs_its_clips():
+    q, kv = torch.randn(2, 8), torch.zeros(2, 1, 2, 3, 4, dtype=torch.int8)
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="int8 K/V need their clips"):
+        A.cross_attention(q, kv, mask, 2)
+    with pytest.raises(ValueError, match="float ones none"):
+        A.cross_attention(q, kv.float(), mask, 2, kv_clip=torch.tensor([1.0, 1.0]))
 
 
 @pytest.mark.parametrize("tile", ["1,16", "4,64"])
@@ -184,6 +202,8 @@ def test_cross_attention_kernel_cuda(monkeypatch, per_sentence, B, beams, nH, D,
     monkeypatch.setenv("LSQUANT_CROSS_BEAMS", per_sentence)
     _check_cross("cuda", B, beams, nH, D, S, dtype)
     _check_cross("cuda", B, beams, nH, D, S, dtype, out_int8=True)
+    _check_cross("cuda", B, beams, nH, D, S, dtype, int8_kv=True)
+    _check_cross("cuda", B, beams, nH, D, S, dtype, out_int8=True, int8_kv=True)
 
 
 @pytest.mark.cuda

@@ -251,7 +251,7 @@ def test_gradients_flow_to_clips():
     dec.apply(lsquant.qat_mode)
     (dec(x, mem) ** 2).sum().backward()
     clips = {n: p.grad for n, p in dec.named_parameters() if n.endswith("clip")}
-    assert len(clips) == 9  # 7 linears' inputs + K + V
+    assert len(clips) == 11  # 7 linears' inputs + K + V + cross-attention K + V
     for n, g in clips.items():
         assert g is not None and float(g.abs()) > 0, n
     assert float(dec.flat.grad.abs().sum()) > 0

@@ -94,3 +94,33 @@ def test_config_checks():
         TransformerConfig(vocab_size=2)
     with pytest.raises(ValueError, match="at least one"):
         TransformerConfig(num_encoder_layers=0)
+
+
+def test_cross_kv_quantizers_follow_the_config_and_old_configs_load_without_them(tmp_path):
+    """quant_cross_kv (default on): the decoder layers quantize the cross-attention K/V; a config saved before the
+    option (no key) loads with it off, and so does its checkpoint, whose state has no such quantizers."""
+    m = _model()
+    assert m.config.quant_cross_kv and m.decoder[0].cross_k_quantizer is not None
+    src, tgt = _src(), torch.randint(4, 37, (3, 5))
+    lsquant.calibrate(m, [(src, tgt)], progress=False)
+    clip = m.decoder[0].cross_k_quantizer.clip.item()
+    assert clip > 0 and bool(m.decoder[0].cross_v_quantizer.initialized)
+    m.apply(lsquant.enable_quant)
+    on = m(src, tgt)
+    for layer in m.decoder:   # the same model without them differs: they take part in the forward
+        layer.cross_k_quantizer.apply(lsquant.disable_quant)
+    assert not torch.equal(on, m(src, tgt))
+
+    d = m.config.to_dict()
+    del d["quant_cross_kv"]
+    assert not TransformerConfig.from_dict(d).quant_cross_kv
+    assert TransformerConfig.from_dict(m.config.to_dict()).quant_cross_kv
+    old = _model(quant_cross_kv=False)
+    assert old.decoder[0].cross_k_quantizer is None
+    assert not any("cross_k_quantizer" in k for k in old.state_dict())
+    blob = torch.load(old.save(tmp_path / "old.pt"), weights_only=False)
+    del blob["config"]["quant_cross_kv"]
+    torch.save(blob, tmp_path / "old.pt")
+    assert not Transformer.load(tmp_path / "old.pt").config.quant_cross_kv
+    with pytest.raises(ValueError, match="quant_cross_kv"):   # a layer state of the other kind
+        m.decoder[0].load_state_dict(old.decoder[0].state_dict(), strict=False)

@@ -89,11 +89,13 @@ def self_attention_ref(qkv, cache, anc, t, nhead: int, kv_clip=None, bucket: int
     return ctx if out_clip is None else ops.quantize(ctx, out_clip)
 
 
-def cross_attention_ref(q, kv, mask, beams: int, out_clip=None):
-    """q (N, H) engine dtype, N = B * beams; kv (2, B, nH, S, D) engine dtype; mask (B, S) bool or uint8, True =
-    padding -> ctx (N, H), or int8 with out_clip."""
+def cross_attention_ref(q, kv, mask, beams: int, out_clip=None, kv_clip=None):
+    """q (N, H) engine dtype, N = B * beams; kv (2, B, nH, S, D) engine dtype, or int8 with kv_clip (2,) (K and V
+    clips); mask (B, S) bool or uint8, True = padding -> ctx (N, H), or int8 with out_clip."""
     N, H = q.shape
     _, B, nH, S, D = kv.shape
+    if kv_clip is not None:
+        kv = ops.dequantize(kv, kv_clip, 0, q.dtype)
     qh = q.view(B, beams, nH, D).transpose(1, 2)                                  # (B, nH, beams, D)
     probs = ops.masked_softmax(torch.matmul(qh, kv[0].transpose(-1, -2)), mask.to(torch.uint8), False,
                                scale=D ** -0.5)
@@ -339,23 +341,29 @@ def self_attention(qkv, cache, anc, t, nhead: int, kv_clip=None, kv=None, bucket
 
 def per_sentence(beams: int) -> bool:
     """Whether beam search's cross-attention runs cross_beams_kernel (one program per (sentence, head)):
-    LSQUANT_CROSS_BEAMS=1 and beams > 1. Off by default: on an H100 (bench/NOTES_engine.md, run G, two A/B
+    LSQUANT_CROSS_BEAMS=1 and beams > 1 (float K/V only: int8 ones run the per-row kernel). Off by default: on an H100 (bench/NOTES_engine.md, run G, two A/B
     pairs) the per-row kernel gave the int8 engine 2-4% more tokens/s at batch 32 and 10-14% more at batch 128,
     beam 4, although it reads each source block once per beam."""
     return beams > 1 and os.environ.get("LSQUANT_CROSS_BEAMS", "0") == "1"
 
 
-def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None):
+def cross_attention(q, kv, mask, beams: int, out_clip=None, out_inv=None, kv_clip=None, kvs=None):
     """One decoder step's cross-attention: q (N, H), N = B * beams; kv (2, B, nH, S, D) (head_dim
-    contiguous); mask (B, S) bool/uint8, True = padding -> ctx (N, H), int8 with out_clip / out_inv."""
+    contiguous), float, or int8 with kv_clip (2,) (kvs: its kv_scales, precomputed); mask (B, S) bool/uint8,
+    True = padding -> ctx (N, H), int8 with out_clip / out_inv."""
+    if (kv.dtype == torch.int8) != (kv_clip is not None):
+        raise ValueError(f"cross-attention K/V of dtype {kv.dtype} {'without' if kv_clip is None else 'with'} "
+                         "kv_clip: int8 K/V need their clips, float ones none")
     if not use_kernel(q):
-        return cross_attention_ref(q, kv, mask, beams, out_clip)
+        return cross_attention_ref(q, kv, mask, beams, out_clip, kv_clip)
     if out_clip is not None and out_inv is None:
         out_inv = scale_and_inv(out_clip.float().reshape(1))[1]
+    if kv_clip is not None and kvs is None:
+        kvs = kv_scales(kv_clip)
     nhead, S = kv.shape[2], kv.shape[3]
     if mask.dtype == torch.bool:
         mask = mask.view(torch.uint8)
-    if per_sentence(beams):
+    if per_sentence(beams) and kvs is None:
         return _launch_beams(q, kv, mask, S, out_inv, beams, nhead)
     # the position pointer is read by self-attention only: the mask stands in for it
-    return _launch(q, None, kv, None, mask, mask, S, None, out_inv, beams, False, nhead)
+    return _launch(q, None, kv, None, mask, mask, S, kvs, out_inv, beams, False, nhead)

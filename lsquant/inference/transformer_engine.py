@@ -192,8 +192,10 @@ class _Engine:
         # reorders, writes or dequantizes both; zeros: positions beyond a request's are masked, and a masked key
         # must still be finite (0 * inf would be NaN)
         self.self_kv = torch.zeros((nL, 2, rows, nH, self.max_tgt_len, D), dtype=kv_dtype, device=self.device)
-        self.cross_kv = torch.zeros((2, nL, max_batch_size, nH, self.max_src_len, D), dtype=self.dtype,
-                                    device=self.device)
+        # int8 where the model quantized them (config.quant_cross_kv, clips in the file): at batch 128 and source
+        # 64 the cross K/V of Transformer-base take 96 MiB in fp16, the engine's largest buffer with the self cache
+        self.cross_kv = torch.zeros((2, nL, max_batch_size, nH, self.max_src_len, D),
+                                    dtype=torch.int8 if self.int8_cross else self.dtype, device=self.device)
         self.cross_mask = torch.ones((max_batch_size, self.max_src_len), dtype=torch.bool, device=self.device)
         # anc[row, j]: the cache row that holds row's key at position j (lsquant.inference.attention); zeros: an
         # entry not yet written must still name a valid row (the reference path gathers a whole bucket)
@@ -208,6 +210,11 @@ class _Engine:
     @property
     def int8(self) -> bool:
         return self.precision == "int8"
+
+    @property
+    def int8_cross(self) -> bool:
+        """Whether the cross-attention K/V are stored in int8 (an int8 file of a model with quant_cross_kv)."""
+        return self.int8 and self.cfg.quant_cross_kv
 
     # -- weights ------------------------------------------------------------------------------------------------
     def _f(self, t, name):
@@ -251,6 +258,10 @@ class _Engine:
                     L["kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/{n}_clip"]).reshape(())
                                                 for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
                     L["kv"] = attention.kv_scales(L["kv_clip"])
+                    if c.quant_cross_kv:
+                        L["cross_kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/cross_{n}_clip"]).reshape(())
+                                                          for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
+                        L["cross_kvs"] = attention.kv_scales(L["cross_kv_clip"])
                 out.append(L)
         self.norms = {s: (self._f(t, f"{s}_norm/weight"), self._f(t, f"{s}_norm/bias"))
                       for s in ("encoder", "decoder") if c.pre_layer_norm}
@@ -354,6 +365,8 @@ class _Engine:
         B, S = mask.shape
         for i, L in enumerate(self.dec):
             k, v = (self._heads(u) for u in L["cross_kv"](enc).chunk(2, dim=-1))
+            if self.int8_cross:   # as the model's cross_k_quantizer / cross_v_quantizer (per-tensor clips)
+                k, v = ops.quantize(k, L["cross_kv_clip"][0]), ops.quantize(v, L["cross_kv_clip"][1])
             self.cross_kv[0, i, :B, :, :S].copy_(k)
             self.cross_kv[1, i, :B, :, :S].copy_(v)
         self.cross_mask[:B, :src_bucket] = True
@@ -447,7 +460,8 @@ class _Engine:
             def cross_attn(h, r, then, i=i, L=L):
                 # the K beams of a sentence are K queries against its one copy of the source keys
                 ctx = attention.cross_attention(L["cross_q"](h).view(N, H), self.cross_kv[:, i, :B, :, :src_bucket],
-                                                cross_mask, K, *self._out_q(L, "cross_out"))
+                                                cross_mask, K, *self._out_q(L, "cross_out"),
+                                                kv_clip=L.get("cross_kv_clip"), kvs=L.get("cross_kvs"))
                 return L["cross_out"](ctx, residual=r, then=then).view(N, 1, H)
 
             nxt = (then(self.dec[i + 1]["attn_ln"], self.dec[i + 1]["qkv"]) if i + 1 < len(self.dec)

@@ -38,6 +38,9 @@ def _ratio(cfg, *names):
 
 class _Config:
     VERSION = 1
+    # boolean fields added after configs were first saved: a saved config without one gets False (what a model
+    # saved then had), a new config the field's default
+    _ADDED_OFF: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -49,6 +52,8 @@ class _Config:
         if version > cls.VERSION:
             raise ValueError(f"{cls.__name__} version {version} is newer than this lsquant's ({cls.VERSION}): "
                              "upgrade lsquant to load it")
+        for name in cls._ADDED_OFF:   # options added since: off for a config saved before them
+            d.setdefault(name, False)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -78,7 +83,11 @@ class TransformerLayerConfig(_Config):
     dtype: str = "float32"
     layer_norm_eps: float = 1e-5
     input_calib_method: str = "percentile"  # activation clips: calibrated with this method, then learned
+    # decoder layers: quantize the cross-attention K/V (per-tensor learnable clips, as the self-attention's), so
+    # that the int8 engine may store them in int8 (half the memory of its largest buffer at long sources)
+    quant_cross_kv: bool = True
     version: int = 1
+    _ADDED_OFF = ("quant_cross_kv",)
 
     def __post_init__(self):
         self.dtype = _dtype_name(self.dtype)

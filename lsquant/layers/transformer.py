@@ -261,7 +261,7 @@ class TransformerDecoderLayer(_TransformerLayerBase):
         tokens only (usually one). Returns (batch, tgt_len, hidden).
     """
 
-    _shape_fields = _TransformerLayerBase._shape_fields
+    _shape_fields = _TransformerLayerBase._shape_fields + ("quant_cross_kv",)
 
     def _weight_shapes(self, H, I):
         return {"qkv_weight": (3 * H, H), "qkv_bias": (3 * H,), "attn_out_weight": (H, H), "attn_out_bias": (H,),
@@ -285,6 +285,11 @@ class TransformerDecoderLayer(_TransformerLayerBase):
         # K and V as the int8 engine caches them (per-tensor, learnable clips)
         self.k_quantizer = TensorQuantizer(learnable=True, calib_method=m)
         self.v_quantizer = TensorQuantizer(learnable=True, calib_method=m)
+        # the cross-attention K/V likewise (config.quant_cross_kv; None in a layer saved before the option)
+        self.cross_k_quantizer = self.cross_v_quantizer = None
+        if config.quant_cross_kv:
+            self.cross_k_quantizer = TensorQuantizer(learnable=True, calib_method=m)
+            self.cross_v_quantizer = TensorQuantizer(learnable=True, calib_method=m)
 
     def forward(self, x, encoder_out, encoder_padding_mask=None, self_padding_mask=None, cache=None):
         name = type(self).__name__
@@ -331,6 +336,8 @@ class TransformerDecoderLayer(_TransformerLayerBase):
         else:
             kv = self.cross_kv_quant(encoder_out, self.w("cross_kv_weight"), self.w("cross_kv_bias"))
             ck, cv = _split_heads(kv, cfg.nhead, 2, self._fused_softmax(x, cross_drop))
+            if self.cross_k_quantizer is not None:
+                ck, cv = self.cross_k_quantizer(ck), self.cross_v_quantizer(cv)
             if cache is not None:
                 cache["cross_k"], cache["cross_v"] = ck, cv
         ctx = self._attend(q, ck, cv, encoder_padding_mask, causal=False, drop=cross_drop)

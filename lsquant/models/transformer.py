@@ -56,7 +56,11 @@ class TransformerConfig(_Config):
     max_len_a: float = 1.2
     max_len_b: int = 10
     dtype: str = "float32"
+    # the decoder's cross-attention K/V quantized in QAT and PTQ (the int8 engine then stores them in int8); a
+    # config saved before this option loads with it off, as that model was trained
+    quant_cross_kv: bool = True
     version: int = 1
+    _ADDED_OFF = ("quant_cross_kv",)
 
     def __post_init__(self):
         self.dtype = _dtype_name(self.dtype)
@@ -73,7 +77,7 @@ class TransformerConfig(_Config):
                     intermediate_size=self.intermediate_size, nhead=self.nhead,
                     attn_prob_dropout_ratio=self.attn_dropout, activation_dropout_ratio=self.activation_dropout,
                     hidden_dropout_ratio=self.dropout, pre_layer_norm=self.pre_layer_norm,
-                    activation_fn=self.activation_fn, dtype=self.dtype)
+                    activation_fn=self.activation_fn, dtype=self.dtype, quant_cross_kv=self.quant_cross_kv)
 
     def max_output_len(self, src_len: int) -> int:
         return max(1, min(int(self.max_len_a * src_len + self.max_len_b), self.max_seq_len - 1))
