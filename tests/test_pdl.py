@@ -70,6 +70,10 @@ KERNELS = [
     ("attention", attention._build(False)[0], dict(q_ptr="*fp16", new_ptr="*fp16", cache_ptr="*i8", anc_ptr="*i32",
      mask_ptr="*u8", t_ptr="*i64", kv_scale_ptr="*fp32", kv_inv_ptr="*fp32", out_ptr="*i8", out_inv_ptr="*fp32"),
      ("sm_scale",), dict(D=64, BLOCK_D=64, BLOCK_J=64, SELF=True, INT8_KV=True, OUT_INT8=True)),
+    # cross-attention over int8 K/V (a model with quant_cross_kv), as the engine launches it: per row
+    ("cross_int8kv", attention._build(False)[0], dict(q_ptr="*fp16", new_ptr="*fp16", cache_ptr="*i8",
+     anc_ptr="*u8", mask_ptr="*u8", t_ptr="*u8", kv_scale_ptr="*fp32", kv_inv_ptr="*fp32", out_ptr="*i8",
+     out_inv_ptr="*fp32"), ("sm_scale",), dict(D=64, BLOCK_D=64, BLOCK_J=32, SELF=False, INT8_KV=True, OUT_INT8=True)),
     ("threshold", th, topk_ptrs, (), dict(P=8, C=64, R=16)),
     ("candidates", cand, topk_ptrs, (), dict(K2=8, P=8, C=64, CAP=128, BLOCK=1024)),
     ("finish", fin, topk_ptrs, (), dict(K2=8, P=8, CAP=128, BLOCK=1024)),
