@@ -8,8 +8,9 @@ Random weights (calibrated on random batches for the int8 export), a fixed outpu
 = 32 new tokens, so every implementation decodes the same number of steps), beam 4 and sampling (top-k 4),
 batch {1, 8, 32, 128}, source length {16, 32, 64}. The lsquant engines are built for each batch with
 max_batch_size = that batch, beam_size = 4 for beam search and 1 for sampling (--sample-beams), max_tgt_len = 32
-and max_src_len = the longest source measured (memory "at the same batch"), with CUDA graphs and without (column
-cuda_graph; --graph on|off|both). Time: median of 3 timed
+and max_src_len = the longest source measured (memory "at the same batch"; --engine-src each: one engine per
+source length, max_src_len = that length, as one would size an engine for one kind of traffic; column
+engine_max_src), with CUDA graphs and without (column cuda_graph; --graph on|off|both). Time: median of 3 timed
 runs after one warm-up (which also captures the graphs), each timed by CUDA events; ms_per_step = ms / 32.
 Memory: peak allocated bytes while the implementation serves the request (its weights, caches and
 activations; each implementation is measured alone) and peak reserved bytes (the allocator's cache emptied
@@ -118,6 +119,9 @@ def main() -> None:
                     help="beam_size our engines are built with for the sampling rows: 1 (default) sizes their "
                          "buffers for sampling, as one would to serve it; 4 serves sampling from the beam "
                          "search's engine (column engine_beams; results before this option: 4)")
+    ap.add_argument("--engine-src", choices=["max", "each"], default="max",
+                    help="max_src_len of our engines: the longest source measured, one engine for every source "
+                         "length (max, the default), or each source length with an engine of its own (each)")
     ap.add_argument("--tune", choices=["on", "off"], default="on",
                     help="tune the int8 engine's GEMMs for each measured batch and source length first (the "
                          "documented workflow; into a cache under a temporary folder) or use the defaults")
@@ -151,13 +155,13 @@ def main() -> None:
                     "int8_file": os.path.getsize(int8_file) / 2**20}
         print(f"{mname}: files {sizes_mb}", flush=True)
 
-        def build(impl, B, graph, beams):
+        def build(impl, B, graph, beams, max_src):
             if impl in INT8 or impl == "lsquant_fp16":
                 cls, path = (QuantTransformer, int8_file) if impl in INT8 else (FloatEngine, fp16_file)
                 kw = dict(dtype=torch.float32) if impl in FP32 else {}
                 if impl == "lsquant_int8_fp32l16":
                     kw["logits_dtype"] = torch.float16
-                return cls(path, max_batch_size=B, beam_size=beams, max_tgt_len=NEW, max_src_len=max(lens),
+                return cls(path, max_batch_size=B, beam_size=beams, max_tgt_len=NEW, max_src_len=max_src,
                            cuda_graph=graph, **kw)
             if impl == "pytorch_fp16":
                 m = Transformer(dataclasses.replace(cfg, dtype="float16"))
@@ -173,33 +177,36 @@ def main() -> None:
             ours = impl.startswith("lsquant")
             name = f"{impl}{'+graph' if graph else ''}"
             rows, obj = [], None
+            tuned_for = set()   # (batch, beams) the int8 engine's GEMMs were tuned for
             for B in batches:
-                built = None   # (batch, beams) of our engine in obj
+                built = None   # (batch, beams, max_src_len) of our engine in obj
                 for method in args.methods:
                     beams = 4 if method == "beam" else args.sample_beams
-                    if (ours and built != (B, beams)) or obj is None:
-                        # our engines: sized for this batch and method; the others hold no batch buffers
-                        obj = None
-                        tuned = impl in INT8 and tune_cache is not None
-                        if tuned:
-                            try:
-                                pre_tune(int8_file, B, torch.float32 if impl in FP32 else None, beams)
-                            except Exception as e:  # noqa: BLE001 - measured with the default kernels instead
-                                tuned = False
-                                print(f"{mname} {impl} B={B}: tuning failed ({type(e).__name__}: {e}); "
-                                      "default kernels", flush=True)
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        # what stays allocated without this implementation (the process's CUDA context aside:
-                        # workspaces, caches of earlier ones); subtracted from its peak below
-                        floor = torch.cuda.memory_allocated() / 2**20
-                        try:
-                            obj = build(impl, B, graph, beams)
-                        except Exception as e:  # noqa: BLE001 - record and go on
-                            print(f"{mname} {name}: cannot build: {type(e).__name__}: {e}", flush=True)
-                            break
-                        built = (B, beams)
                     for S in lens:
+                        max_src = S if args.engine_src == "each" else max(lens)
+                        if (ours and built != (B, beams, max_src)) or obj is None:
+                            # our engines: sized for this batch, method (and source); the others hold no buffers
+                            obj = None
+                            tuned = impl in INT8 and tune_cache is not None
+                            if tuned and (B, beams) not in tuned_for:
+                                try:
+                                    pre_tune(int8_file, B, torch.float32 if impl in FP32 else None, beams)
+                                    tuned_for.add((B, beams))
+                                except Exception as e:  # noqa: BLE001 - measured with the default kernels instead
+                                    tuned = False
+                                    print(f"{mname} {impl} B={B}: tuning failed ({type(e).__name__}: {e}); "
+                                          "default kernels", flush=True)
+                            gc.collect()
+                            torch.cuda.empty_cache()
+                            # what stays allocated without this implementation (the process's CUDA context aside:
+                            # workspaces, caches of earlier ones); subtracted from its peak below
+                            floor = torch.cuda.memory_allocated() / 2**20
+                            try:
+                                obj = build(impl, B, graph, beams, max_src)
+                            except Exception as e:  # noqa: BLE001 - record and go on
+                                print(f"{mname} {name}: cannot build: {type(e).__name__}: {e}", flush=True)
+                                break
+                            built = (B, beams, max_src)
                         src = torch.randint(4, VOCAB, (B, S), device="cuda")
                         if ours:
                             run = lambda: obj.infer(src, method, max_len=NEW, min_len=NEW, top_k=4)  # noqa: E731
@@ -226,7 +233,8 @@ def main() -> None:
                              "peak_mem_mb": round(mem, 1), "file_mb": round(file_mb, 2),
                              "note": note, "cuda_graph": int(graph), "ms_per_step": round(ms / NEW, 3),
                              "peak_reserved_mb": round(reserved, 1), "floor_mb": round(floor, 1),
-                             "gemm_tuned": int(tuned), "engine_beams": beams if ours else ""}
+                             "gemm_tuned": int(tuned), "engine_beams": beams if ours else "",
+                             "engine_max_src": max_src if ours else ""}
                         rows.append(r)
                         print(f"{mname:4s} {name:21s} {method:6s} B={B:<4d} S={S:<3d} {ms:9.2f} ms "
                               f"{r['tokens_per_s']:>10} tok/s {mem:8.1f} MB {reserved:8.1f} MB reserved (floor {floor:.1f}) {note}",

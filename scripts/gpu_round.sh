@@ -160,6 +160,10 @@ for m in ${MODELS:-base big}; do
   run "engine_close_pt_$m" 150 python3 bench/bench_engine.py --models "$m" --batches 32 128 \
     --out "$W/engine_close_pt_$m.csv" --impls pytorch_fp16
   grep -v "^\[" "$W/engine_close_pt_$m.log" | grep "tok/s" | sed 's/^/   /'
+  # the int8 engine sized for each source length (max_src_len = S), at the batches where memory was missed
+  run "engine_close_each_$m" 150 python3 bench/bench_engine.py --graph on --models "$m" --batches 32 128 \
+    --engine-src each --out "$W/engine_close_each_$m.csv" --impls lsquant_int8
+  grep -v "^\[" "$W/engine_close_each_$m.log" | grep "tok/s" | sed 's/^/   /'
 done
 pack
 elif [ "$PART" = lnpdl_quick ]; then
