@@ -18,7 +18,7 @@ SETTINGS = {
     "LSQUANT_LN_TAIL": "1: the decoder's LayerNorm computed by the residual GEMM before it (int8 engine)",
     "LSQUANT_LN_TAIL_MAX_M": "the LayerNorm tail's row bound (default 64)",
     "LSQUANT_PDL": "0: no programmatic dependent launch of the decode step's Triton kernels (on by default, sm_90+)",
-    "LSQUANT_EARLY_EPI": "1 / 0: the tiled and split-K int8 GEMMs load their epilogue's inputs before (the default) / after the main loop",
+    "LSQUANT_EARLY_EPI": "0: the tiled and split-K int8 GEMMs load their epilogue's inputs after the main loop (before: the default)",
     "LSQUANT_CROSS_BEAMS": "1: beam search's cross-attention one program per (sentence, head) instead of per row (slower on an H100)",
     "LSQUANT_PDL_LN": "0: the decode step's LayerNorm kernel launched without PDL, the rest with it (comparisons)",
     "LSQUANT_ROUGH_TOPK": "0: beam search ranks with log-softmax + topk",

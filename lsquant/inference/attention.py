@@ -341,9 +341,10 @@ def self_attention(qkv, cache, anc, t, nhead: int, kv_clip=None, kv=None, bucket
 
 def per_sentence(beams: int) -> bool:
     """Whether beam search's cross-attention runs cross_beams_kernel (one program per (sentence, head)):
-    LSQUANT_CROSS_BEAMS=1 and beams > 1 (float K/V only: int8 ones run the per-row kernel). Off by default: on an H100 (bench/NOTES_engine.md, run G, two A/B
-    pairs) the per-row kernel gave the int8 engine 2-4% more tokens/s at batch 32 and 10-14% more at batch 128,
-    beam 4, although it reads each source block once per beam."""
+    LSQUANT_CROSS_BEAMS=1 and beams > 1 (for float K/V: int8 ones always run the per-row kernel). Off by default:
+    on an H100 (bench/NOTES_engine.md, run G, two A/B pairs) the per-row kernel gave the int8 engine 2-4% more
+    tokens/s at batch 32 and 10-14% more at batch 128, beam 4, although it reads each source block once per
+    beam."""
     return beams > 1 and os.environ.get("LSQUANT_CROSS_BEAMS", "0") == "1"
 
 
