@@ -254,14 +254,12 @@ class _Engine:
                         L[ln] = (self._f(t, f"{base}/{ln}/weight"), self._f(t, f"{base}/{ln}/bias"))
                 if q and stack == "decoder":
                     # the K and V clips as the two channels of one per-channel clip (one quantize, one
-                    # dequantize for both; per element the same arithmetic as two per-tensor calls)
-                    L["kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/{n}_clip"]).reshape(())
-                                                for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
-                    L["kv"] = attention.kv_scales(L["kv_clip"])
-                    if c.quant_cross_kv:
-                        L["cross_kv_clip"] = torch.stack([torch.as_tensor(t[f"{base}/cross_{n}_clip"]).reshape(())
-                                                          for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
-                        L["cross_kvs"] = attention.kv_scales(L["cross_kv_clip"])
+                    # dequantize for both; per element the same arithmetic as two per-tensor calls): the
+                    # self-attention cache's, and the cross-attention K/V's where the model quantized them
+                    for key, prefix in [("kv", "")] + ([("cross_kv", "cross_")] if c.quant_cross_kv else []):
+                        clip = torch.stack([torch.as_tensor(t[f"{base}/{prefix}{n}_clip"]).reshape(())
+                                            for n in ("k", "v")]).to(device=dev, dtype=torch.float32)
+                        L[f"{key}_clip"], L[f"{key}_scales"] = clip, attention.kv_scales(clip)
                 out.append(L)
         self.norms = {s: (self._f(t, f"{s}_norm/weight"), self._f(t, f"{s}_norm/bias"))
                       for s in ("encoder", "decoder") if c.pre_layer_norm}
@@ -363,10 +361,12 @@ class _Engine:
         """Cross-attention K/V of every decoder layer, once per request, one copy per sentence (its beams
         share it). enc (B, S, H); mask (B, S) bool, True = padding; positions S..src_bucket are masked."""
         B, S = mask.shape
+        H = self.cfg.hidden_size
         for i, L in enumerate(self.dec):
-            k, v = (self._heads(u) for u in L["cross_kv"](enc).chunk(2, dim=-1))
-            if self.int8_cross:   # as the model's cross_k_quantizer / cross_v_quantizer (per-tensor clips)
-                k, v = ops.quantize(k, L["cross_kv_clip"][0]), ops.quantize(v, L["cross_kv_clip"][1])
+            kv = L["cross_kv"](enc)   # (B, S, 2H): K, then V
+            if self.int8_cross:   # as the model's cross_k_quantizer / cross_v_quantizer: K and V as two channels
+                kv = ops.quantize(kv.view(B, S, 2, H), L["cross_kv_clip"], axis=2).view(B, S, 2 * H)
+            k, v = (self._heads(u) for u in kv.chunk(2, dim=-1))
             self.cross_kv[0, i, :B, :, :S].copy_(k)
             self.cross_kv[1, i, :B, :, :S].copy_(v)
         self.cross_mask[:B, :src_bucket] = True
@@ -454,14 +454,15 @@ class _Engine:
         for i, L in enumerate(self.dec):
             def self_attn(h, r, then, i=i, L=L):
                 ctx = attention.self_attention(L["qkv"](h).view(N, 3 * H), self.self_kv[i], anc, t, nH,
-                                               L.get("kv_clip"), L.get("kv"), tgt_bucket, *self._out_q(L, "attn_out"))
+                                               L.get("kv_clip"), L.get("kv_scales"), tgt_bucket,
+                                               *self._out_q(L, "attn_out"))
                 return L["attn_out"](ctx, residual=r, then=then).view(N, 1, H)
 
             def cross_attn(h, r, then, i=i, L=L):
                 # the K beams of a sentence are K queries against its one copy of the source keys
                 ctx = attention.cross_attention(L["cross_q"](h).view(N, H), self.cross_kv[:, i, :B, :, :src_bucket],
                                                 cross_mask, K, *self._out_q(L, "cross_out"),
-                                                kv_clip=L.get("cross_kv_clip"), kvs=L.get("cross_kvs"))
+                                                kv_clip=L.get("cross_kv_clip"), kvs=L.get("cross_kv_scales"))
                 return L["cross_out"](ctx, residual=r, then=then).view(N, 1, H)
 
             nxt = (then(self.dec[i + 1]["attn_ln"], self.dec[i + 1]["qkv"]) if i + 1 < len(self.dec)
